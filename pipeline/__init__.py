@@ -1,0 +1,1 @@
+"""Library parts of maskdistill: teachers, students, heads, masking, views, codecs, cache store, data."""

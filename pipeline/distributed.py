@@ -1,0 +1,98 @@
+"""The process group of a torchrun launch, read from its environment variables.
+
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for every process. A
+run with none of them is a single process. A run with only some of them is rejected, because a
+half-set environment usually means a launcher mistake that would otherwise train each process
+alone on the whole data.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Rank and world size of this process; rank 0 of 1 outside torchrun."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def read_torchrun_env() -> DistInfo:
+    present = [name for name in TORCHRUN_VARIABLES if name in os.environ]
+    if not present:
+        return DistInfo()
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise UsageError(
+            f"torchrun environment is incomplete: {', '.join(missing)} not set "
+            f"(found {', '.join(present)}); launch with torchrun or unset these variables"
+        )
+    return DistInfo(
+        rank=int(os.environ["RANK"]),
+        local_rank=int(os.environ["LOCAL_RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+    )
+
+
+def resolve_device(requested: str, info: DistInfo) -> torch.device:
+    """Map "auto", "cpu", "cuda" or "cuda:N" to a device; torchrun ranks get their local GPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {requested} was requested but CUDA is not available; pass --device cpu")
+        if requested == "cuda":
+            return torch.device("cuda", info.local_rank % torch.cuda.device_count())
+    return torch.device(requested)
+
+
+def init_process_group(info: DistInfo, device: torch.device) -> None:
+    """Join the torchrun process group: nccl on CUDA, gloo on CPU."""
+    if not info.enabled or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
+    logger.info("joined process group: rank %d of %d, backend %s", info.rank, info.world_size, backend)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

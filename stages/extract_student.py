@@ -1,0 +1,53 @@
+"""extract-student: write the student of a pre-training checkpoint as timm weights.
+
+The command output is a Python snippet that builds the timm model and loads the weights with
+strict=True. Its second line is the exact constructor call.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.extract import OutputFormat, TimmCall, extract_student, resolve_output_format
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractStudentConfig:
+    """Options of extract-student."""
+
+    checkpoint: Path  # training checkpoint written by pretrain
+    output: Path  # .safetensors (default) or .pt/.pth file to write
+    output_format: OutputFormat | None = None  # None: from the output suffix
+    keep_rel_pos_bias: bool = False  # export a timm Beit that keeps the relative position bias tables
+    keep_layer_scale_gamma: bool = False  # keep layer scale as parameters instead of folding it
+    allow_pickle: bool = False  # load checkpoints with arbitrary Python objects (trusted files only)
+
+
+def run(config: ExtractStudentConfig) -> str:
+    """Extract the student weights and return the snippet that loads them into timm."""
+    logger.info("extracting the student of %s to %s", config.checkpoint, config.output)
+    call = extract_student(
+        config.checkpoint,
+        config.output,
+        output_format=config.output_format,
+        keep_rel_pos_bias=config.keep_rel_pos_bias,
+        keep_layer_scale_gamma=config.keep_layer_scale_gamma,
+        allow_pickle=config.allow_pickle,
+    )
+
+    snippet = format_load_snippet(call, config.output, resolve_output_format(config.output, config.output_format))
+    logger.info("timm model call: %s", call)
+    return snippet
+
+
+def format_load_snippet(call: TimmCall, weights_path: Path, output_format: OutputFormat) -> str:
+    """Return Python lines that build the model of `call` and load `weights_path` with strict=True."""
+    if output_format == "pt":
+        imports = "import timm, torch"
+        load = f"torch.load({str(weights_path)!r}, map_location='cpu', weights_only=True)"
+    else:
+        imports = "import timm, safetensors.torch"
+        load = f"safetensors.torch.load_file({str(weights_path)!r})"
+    return f"{imports}\nmodel = {call}\nmodel.load_state_dict({load}, strict=True)"

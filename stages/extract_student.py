@@ -25,7 +25,7 @@ class ExtractStudentConfig:
     allow_pickle: bool = False  # load checkpoints with arbitrary Python objects (trusted files only)
 
 
-def run(config: ExtractStudentConfig) -> str:
+def run_extract_student(config: ExtractStudentConfig) -> str:
     """Extract the student weights and return the snippet that loads them into timm."""
     logger.info("extracting the student of %s to %s", config.checkpoint, config.output)
     call = extract_student(

@@ -14,7 +14,7 @@ from pipeline.errors import UsageError
 from pipeline.extract import TimmCall, build_timm_model, extract_student, load_extracted, read_timm_call
 from pipeline.heads import build_head
 from pipeline.students import Student, build_student
-from stages.extract_student import ExtractStudentConfig, run
+from stages.extract_student import ExtractStudentConfig, run_extract_student
 
 TINY_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2}
 TINY_SWIN = {"embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 2)}
@@ -250,7 +250,7 @@ def test_stage_run_returns_loading_snippet(tmp_path, images):
     checkpoint = write_checkpoint(tmp_path / "ckpt.pt", student, TINY_VIT)
     config = ExtractStudentConfig(checkpoint, tmp_path / "beit.pt", keep_rel_pos_bias=True, keep_layer_scale_gamma=True)
 
-    snippet = run(config)
+    snippet = run_extract_student(config)
     namespace: dict = {}
     exec(snippet, namespace)
 

@@ -16,21 +16,9 @@ from typing import Any
 import yaml
 
 from pipeline.errors import UsageError
+from pipeline.views import AugmentConfig
 
 SECTIONS = ("cache_targets", "pretrain")
-
-
-@dataclass
-class AugmentSettings:
-    """Random view augmentation: random resized crop, horizontal flip and color jitter."""
-
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip_prob: float = 0.5
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    interpolation: str = "bicubic"
 
 
 @dataclass
@@ -56,7 +44,8 @@ class CacheConfig:
     fidelity_views: int = 64
     max_bad_fraction: float = 0.01
     strict: bool = False
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    teacher_overrides: dict[str, Any] | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -90,7 +79,7 @@ class PretrainConfig:
     mask_ratio: float = 0.4
     min_mask_block: int = 16
     loss: str = "smooth_l1"
-    smooth_l1_beta: float = 2.0
+    smooth_l1_beta: float = 1.0
     target_norm: str = "layernorm"
     drop_path: float | None = None
     val_fraction: float = 0.01
@@ -104,7 +93,7 @@ class PretrainConfig:
     resume: bool = False
     student_overrides: dict[str, Any] | None = None
     teacher_overrides: dict[str, Any] | None = None
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 def load_preset(path: str | Path, section: str) -> dict[str, Any]:
@@ -156,14 +145,13 @@ def _coerce(spec: dataclasses.Field, value: Any, source: str) -> Any:
     if spec.name == "augment":
         if not isinstance(value, dict):
             raise UsageError(f"key 'augment' in {source} must be a mapping")
-        valid = {f.name for f in dataclasses.fields(AugmentSettings)}
+        valid = {f.name for f in dataclasses.fields(AugmentConfig)}
         unknown = sorted(set(value) - valid)
         if unknown:
             raise UsageError(
                 f"unknown key 'augment.{unknown[0]}' in {source}; valid keys: {', '.join(sorted(valid))}"
             )
-        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-        return AugmentSettings(**converted)
+        return AugmentConfig.from_dict(value)
     if isinstance(value, list):
         return tuple(value)
     return value

@@ -15,7 +15,7 @@ def masked_distill_loss(
     target: torch.Tensor,
     mask: torch.Tensor,
     kind: str = "smooth_l1",
-    beta: float = 2.0,
+    beta: float = 1.0,
 ) -> torch.Tensor:
     """Mean loss over the masked patches of a batch.
 

@@ -8,7 +8,19 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.extract import OutputFormat, TimmCall, extract_student, resolve_output_format
+import torch
+
+from pipeline.errors import UsageError
+from pipeline.extract import (
+    OutputFormat,
+    TimmCall,
+    build_student_from_config,
+    extract_student,
+    load_checkpoint,
+    load_extracted,
+    read_student_state,
+    resolve_output_format,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +37,12 @@ class ExtractStudentConfig:
     allow_pickle: bool = False  # load checkpoints with arbitrary Python objects (trusted files only)
 
 
-def run_extract_student(config: ExtractStudentConfig) -> str:
-    """Extract the student weights and return the snippet that loads them into timm."""
+def run_extract_student(config: ExtractStudentConfig, verify: bool = False) -> str:
+    """Extract the student weights and return the snippet that loads them into timm.
+
+    With `verify`, the written weights are also loaded into timm and compared with the student
+    (see `verify_extracted`), and the result is appended to the returned text.
+    """
     logger.info("extracting the student of %s to %s", config.checkpoint, config.output)
     call = extract_student(
         config.checkpoint,
@@ -39,6 +55,8 @@ def run_extract_student(config: ExtractStudentConfig) -> str:
 
     snippet = format_load_snippet(call, config.output, resolve_output_format(config.output, config.output_format))
     logger.info("timm model call: %s", call)
+    if verify:
+        snippet += "\n" + verify_extracted(config, call)
     return snippet
 
 
@@ -51,3 +69,34 @@ def format_load_snippet(call: TimmCall, weights_path: Path, output_format: Outpu
         imports = "import timm, safetensors.torch"
         load = f"safetensors.torch.load_file({str(weights_path)!r})"
     return f"{imports}\nmodel = {call}\nmodel.load_state_dict({load}, strict=True)"
+
+
+
+def verify_extracted(config: ExtractStudentConfig, call: TimmCall, tolerance: float = 1e-3) -> str:
+    """Run the extracted timm model and the checkpoint's student on one input and compare features.
+
+    Raises UsageError when the largest difference exceeds `tolerance`, which happens when
+    non-zero relative position tables were dropped (extract with --keep-rel-pos-bias instead).
+    """
+    checkpoint = load_checkpoint(config.checkpoint, allow_pickle=config.allow_pickle)
+    student = build_student_from_config(checkpoint, config.checkpoint)
+    student.load_state_dict(read_student_state(checkpoint, config.checkpoint, student))
+    student.eval()
+    model = load_extracted(config.output, call)
+    model.eval()
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, student.img_size, student.img_size, generator=generator)
+    with torch.no_grad():
+        ours = student(images, None)
+        theirs = model.forward_features(images)
+    difference = (ours - theirs).abs().max().item()
+    if difference > tolerance:
+        raise UsageError(
+            f"timm model from {config.output} differs from the student by up to {difference:.2e} "
+            f"(tolerance {tolerance:.0e}); if relative position tables were dropped, extract with --keep-rel-pos-bias"
+        )
+    return (
+        f"# verified: {call.module}.{call.class_name} loaded {config.output} with strict=True; features "
+        f"{list(theirs.shape)} match the student (max difference {difference:.1e})"
+    )

@@ -1,0 +1,1 @@
+"""Stage-two data: the epoch order, the cached-target dataset and the online-teacher dataset."""

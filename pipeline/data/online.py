@@ -1,0 +1,85 @@
+"""Stage-two dataset for the online teacher: views rendered from the source images each step.
+
+It draws the same view parameters, in the same order, as `cache-targets` with the same seed,
+views and shard size, so a run with the teacher online is the reference for a cached run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import BadImageError
+from pipeline.images import load_image
+from pipeline.masking import MaskConfig, sample_masks
+from pipeline.sources import open_source
+from pipeline.views import AugmentConfig, pil_to_tensor, render_views, sample_view_params
+
+logger = logging.getLogger(__name__)
+
+
+def image_groups(num_images: int, shard_size: int) -> list[np.ndarray]:
+    """Consecutive ranges of `shard_size` image indices: the groups a cache's shards would form."""
+    return [np.arange(start, min(start + shard_size, num_images)) for start in range(0, num_images, shard_size)]
+
+
+class OnlineViews(torch.utils.data.Dataset):
+    """Batches of student views, teacher views and masks, rendered from the source images."""
+
+    def __init__(
+        self,
+        data: str | Path,
+        img_size: int,
+        teacher_size: int,
+        augment: AugmentConfig,
+        mask_config: MaskConfig,
+        view_seed: int,
+        mask_seed: int,
+    ) -> None:
+        self.source = open_source(data)
+        self.img_size = img_size
+        self.teacher_size = teacher_size
+        self.augment = augment
+        self.mask_config = mask_config
+        self.view_seed = view_seed
+        self.mask_seed = mask_seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def image_indices(self, view: int = 0) -> np.ndarray:
+        return np.array([record.index for record in self.source.records], dtype=np.int64)
+
+    def __getitems__(self, items: list[tuple[int, int, int]]) -> dict:
+        """Render one batch; an image that fails to decode is dropped from the batch and logged.
+
+        Returns:
+            images: uint8 [B, 3, H, W]; teacher_images: float32 [B, 3, S, S] in [0, 1];
+            mask: bool [B, Gh, Gw], True = masked; image_index: int64 [B].
+        """
+        epoch = items[0][0]
+        students, teachers, indices = [], [], []
+        for _, view, sample_id in items:
+            record = self.source.records[sample_id]
+            try:
+                image = load_image(self.source.read_bytes(record), record.source)
+                params = sample_view_params(image.size, self.view_seed, record.index, view, self.augment)
+                student, teacher = render_views(image, params, [self.img_size, self.teacher_size], self.augment)
+            except (BadImageError, OSError) as error:
+                logger.warning("skipping %s: %s", record.source, error)
+                continue
+
+            students.append(torch.from_numpy(np.asarray(student).copy()).permute(2, 0, 1))
+            teachers.append(pil_to_tensor(teacher))
+            indices.append(record.index)
+
+        image_index = np.array(indices, dtype=np.int64)
+        return {
+            "images": torch.stack(students),
+            "teacher_images": torch.stack(teachers),
+            "image_index": torch.from_numpy(image_index),
+            "mask": torch.from_numpy(sample_masks(self.mask_config, self.mask_seed, epoch, image_index)),
+        }

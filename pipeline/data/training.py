@@ -1,0 +1,226 @@
+"""What the trainer needs from its data: train and validation sample ids, loaders, targets.
+
+`build_training_data` hides the difference between a cache (targets decoded from storage) and
+the online teacher (targets computed on the device from teacher views).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torchvision
+
+from pipeline.cache import CacheReader
+from pipeline.config import PretrainConfig
+from pipeline.data.cached import CachedViews
+from pipeline.data.online import OnlineViews, image_groups
+from pipeline.data.order import plan_epoch
+from pipeline.distributed import read_torchrun_env
+from pipeline.engine import StepSettings, autocast_context, normalize_images, prepare_targets
+from pipeline.errors import CacheMismatchError, UsageError
+from pipeline.masking import MaskConfig
+
+logger = logging.getLogger(__name__)
+
+VAL_STREAM = 0x56414C
+
+
+def passthrough(batch):
+    """collate_fn for datasets whose __getitems__ already returns a collated batch."""
+    return batch
+
+
+class BatchList(torch.utils.data.Sampler):
+    """A fixed list of batches of (epoch, view, sample id) items."""
+
+    def __init__(self, batches: list[list[tuple[int, int, int]]]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@dataclass
+class TrainingData:
+    """Train/validation split, loaders and the device-side target preparation of one run."""
+
+    dataset: torch.utils.data.Dataset
+    train_groups: list[np.ndarray]
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    target_dim: int
+    num_views: int
+    description: str
+    config: PretrainConfig
+    device: torch.device
+    teacher: Callable | None = None
+    rank: int = 0
+    world_size: int = 1
+    decode_on_device: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def view_for_epoch(self, epoch: int) -> int:
+        """Epoch e reads view (e mod K): K views repeat in order when epochs outnumber them."""
+        return epoch % self.num_views
+
+    def loader(self, epoch: int, skip_batches: int = 0) -> torch.utils.data.DataLoader:
+        view = self.view_for_epoch(epoch)
+        plan = plan_epoch(
+            self.train_groups, self.config.seed, epoch, self.config.batch_size, self.rank, self.world_size
+        )
+        batches = [[(epoch, view, int(i)) for i in ids] for ids in plan.batches[skip_batches:]]
+        logger.info("epoch %d reads view %d of %d (%d batches)", epoch, view, self.num_views, len(plan.batches))
+        return self._loader(batches)
+
+    def val_loader(self) -> torch.utils.data.DataLoader:
+        """Validation batches: view 0, masks of a fixed epoch (-1), split across ranks."""
+        mine = np.array_split(self.val_ids, self.world_size)[self.rank]
+        size = self.config.batch_size
+        batches = [[(-1, 0, int(i)) for i in mine[start : start + size]] for start in range(0, len(mine), size)]
+        return self._loader(batches)
+
+    def _loader(self, batches) -> torch.utils.data.DataLoader:
+        workers = self.config.workers
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=BatchList(batches),
+            num_workers=workers,
+            collate_fn=passthrough,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def to_device(self, batch: dict, device: torch.device, settings: StepSettings):
+        """Return (normalized images [B, 3, H, W], prepared targets [B, L, D], mask [B, Gh, Gw])."""
+        if self.decode_on_device:
+            decoded = torchvision.io.decode_jpeg(batch["jpeg"], mode=torchvision.io.ImageReadMode.RGB, device=device)
+            images = torch.stack(decoded)
+        else:
+            images = batch["images"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+
+        if self.teacher is not None:
+            with torch.no_grad(), autocast_context(device, settings.autocast_dtype):
+                targets = self.teacher(batch["teacher_images"].to(device, non_blocking=True))
+        else:
+            targets = batch["targets"].to(device, non_blocking=True)
+        return normalize_images(images), prepare_targets(targets, settings.target_norm), mask
+
+
+def split_validation(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out a fixed random fraction of sample ids; the same images for every view and epoch."""
+    count = int(round(num_samples * fraction))
+    if fraction > 0 and num_samples > 1:
+        count = max(1, count)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, VAL_STREAM]))
+    val_ids = np.sort(rng.choice(num_samples, size=min(count, num_samples - 1), replace=False))
+    train_mask = np.ones(num_samples, dtype=bool)
+    train_mask[val_ids] = False
+    return np.flatnonzero(train_mask), val_ids.astype(np.int64)
+
+
+def _filter_groups(groups: list[np.ndarray], keep: np.ndarray) -> list[np.ndarray]:
+    keep_set = np.zeros(int(max((g.max() for g in groups if g.size), default=-1)) + 1, dtype=bool)
+    keep_set[keep] = True
+    filtered = [g[keep_set[g]] for g in groups]
+    return [g for g in filtered if g.size]
+
+
+def build_training_data(config: PretrainConfig, student, mask_config: MaskConfig, device: torch.device) -> TrainingData:
+    info = read_torchrun_env()
+    if config.cache is not None:
+        data = _cached_data(config, student, mask_config, device)
+    else:
+        data = _online_data(config, student, mask_config, device)
+    data.rank, data.world_size = info.rank, info.world_size
+    return data
+
+
+def _cached_data(config, student, mask_config, device) -> TrainingData:
+    reader = CacheReader(config.cache)
+    check_cache_fits_student(reader.manifest["settings"], student, config)
+    gpu_decode = config.gpu_decode and device.type == "cuda"
+    if config.gpu_decode and not gpu_decode:
+        logger.warning("--gpu-decode needs CUDA; decoding JPEG views in the loader workers instead")
+    dataset = CachedViews(config.cache, mask_config, config.seed, decode_jpeg=not gpu_decode)
+
+    train_ids, val_ids = split_validation(len(dataset), config.val_fraction, config.seed)
+    groups = _filter_groups(dataset.layout.groups(), train_ids)
+    settings = reader.manifest["settings"]
+    teacher = settings["teacher"]
+    return TrainingData(
+        dataset=dataset,
+        train_groups=groups,
+        train_ids=train_ids,
+        val_ids=val_ids,
+        target_dim=int(settings["targets"]["dim"]),
+        num_views=int(settings["views"]),
+        description=f"cache {config.cache} (teacher {teacher['name']}, weights {teacher['weights_source']}, "
+        f"codec {settings['codec']['full_name']})",
+        config=config,
+        device=device,
+        decode_on_device=gpu_decode,
+    )
+
+
+def check_cache_fits_student(manifest: dict, student, config: PretrainConfig) -> None:
+    """Raise CacheMismatchError, before any step, when the cache's grid or input size differs.
+
+    `manifest` is the cache's content settings (the manifest's "settings" entry).
+    """
+    cache_grid = tuple(manifest["targets"]["grid"])
+    cache_size = int(manifest["student_view"]["img_size"])
+    cache_patch = int(manifest["student_view"]["patch_size"])
+    if cache_size == student.img_size and cache_grid == tuple(student.grid_size):
+        return
+    raise CacheMismatchError(
+        f"cache {config.cache} has {cache_size} px student views and a {cache_grid[0]}x{cache_grid[1]} target grid "
+        f"(patch {cache_patch}), but student {config.student} at --img-size {student.img_size} has a "
+        f"{student.grid_size[0]}x{student.grid_size[1]} grid (patch {student.target_patch_size}); pass "
+        f"--img-size {cache_size} with a patch-{cache_patch} student, or rebuild the cache with "
+        f"--img-size {student.img_size} --student-patch-size {student.target_patch_size}"
+    )
+
+
+def _online_data(config, student, mask_config, device) -> TrainingData:
+    from pipeline.teachers import build_teacher
+
+    teacher = build_teacher(
+        config.teacher,
+        config.teacher_weights,
+        student_img_size=config.img_size,
+        student_patch_size=student.target_patch_size,
+        device=device,
+        overrides=config.teacher_overrides,
+    )
+    if tuple(teacher.grid_size) != tuple(student.grid_size):
+        raise UsageError(
+            f"teacher {config.teacher} gives a {teacher.grid_size} grid but student {config.student} "
+            f"has {student.grid_size}; adjust --img-size"
+        )
+    augment = config.augment
+    dataset = OnlineViews(
+        config.data, config.img_size, teacher.input_size, augment, mask_config,
+        view_seed=config.seed, mask_seed=config.seed,
+    )
+    train_ids, val_ids = split_validation(len(dataset), config.val_fraction, config.seed)
+    groups = _filter_groups(image_groups(len(dataset), config.shard_size), train_ids)
+    return TrainingData(
+        dataset=dataset,
+        train_groups=groups,
+        train_ids=train_ids,
+        val_ids=val_ids,
+        target_dim=teacher.target_dim,
+        num_views=config.views,
+        description=f"online teacher {config.teacher} (weights {teacher.weights.source}) on {config.data}",
+        config=config,
+        device=device,
+        teacher=teacher,
+    )

@@ -1,0 +1,120 @@
+"""The MaskDistill model (student plus head) and one optimization step.
+
+The cached and the online trainer share this code: they differ only in where the targets of a
+batch come from, the cache or a forward pass of the frozen teacher.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from pipeline.losses import masked_distill_loss
+from pipeline.targets import normalize_targets
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing of this step was applied to the weights."""
+
+
+class MaskDistillModel(nn.Module):
+    """Student backbone followed by the prediction head."""
+
+    def __init__(self, student: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        self.head = head
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Predict targets.
+
+        Args:
+            images: [B, 3, H, W] student views, normalized.
+            mask: [B, Gh, Gw] bool, True = masked.
+        Returns:
+            [B, Gh * Gw, D] predictions for every patch (the loss keeps the masked ones).
+        """
+        return self.head(self.student(images, mask))
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    loss: str
+    smooth_l1_beta: float
+    target_norm: str
+    clip_grad: float | None
+    autocast_dtype: torch.dtype | None
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] student views to float, normalized with the ImageNet mean and std."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def prepare_targets(targets: torch.Tensor, target_norm: str) -> torch.Tensor:
+    """[B, L, D] raw teacher targets to the values the student regresses."""
+    if target_norm == "layernorm":
+        return normalize_targets(targets.float())
+    return targets.float()
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def compute_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    settings: StepSettings,
+) -> torch.Tensor:
+    """Loss of one batch; `targets` are already prepared, [B, L, D]."""
+    with autocast_context(images.device, settings.autocast_dtype):
+        prediction = model(images, mask)
+    return masked_distill_loss(
+        prediction, targets, mask.flatten(1), kind=settings.loss, beta=settings.smooth_l1_beta
+    )
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    settings: StepSettings,
+    step: int,
+) -> tuple[float, float]:
+    """Run forward, backward and the optimizer update; return (loss, gradient norm).
+
+    The finiteness check uses the gradient norm, which DDP makes identical on every rank, so
+    all ranks raise together instead of leaving the others waiting in a collective.
+    """
+    loss = compute_loss(model, images, targets, mask, settings)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    if settings.clip_grad is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, settings.clip_grad).item()
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in parameters])).item()
+    loss_value = loss.item()
+    if not (math.isfinite(grad_norm) and math.isfinite(loss_value)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(
+            f"loss {loss_value}, gradient norm {grad_norm} at step {step}; the weights were not updated"
+        )
+
+    optimizer.step()
+    return loss_value, grad_norm

@@ -1,0 +1,358 @@
+"""Stage two: train the masked student, from cached targets or with the teacher online.
+
+Launch on one process with `maskdistill pretrain ...`, or on several GPUs or nodes with
+`torchrun --nproc_per_node N -m cli pretrain ...` (DDP: nccl on CUDA, gloo on CPU). Only rank 0
+logs to the console and writes checkpoints and metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import PretrainConfig, config_to_dict
+from pipeline.data.order import batches_per_epoch
+from pipeline.distributed import DistInfo, barrier, init_process_group, read_torchrun_env, resolve_device
+from pipeline.engine import (
+    MaskDistillModel,
+    NonFiniteLossError,
+    StepSettings,
+    compute_loss,
+    train_step,
+)
+from pipeline.errors import UsageError
+from pipeline.heads import build_head
+from pipeline.logs import MetricsLog, write_json
+from pipeline.masking import MaskConfig
+from pipeline.optim import Schedule, build_optimizer, set_lr
+from pipeline.provenance import run_environment
+from pipeline.students import build_student
+from pipeline.data.training import TrainingData, build_training_data
+
+logger = logging.getLogger(__name__)
+
+VAL_STREAM = 0x56414C
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    total_steps: int = 0
+    steps_per_epoch: int = 0
+
+
+def run_pretrain(config: PretrainConfig) -> dict:
+    """Train according to `config`; return a summary (steps, last loss, validation loss, run folder)."""
+    _check_config(config)
+    info = read_torchrun_env()
+    device = resolve_device(config.device, info)
+    init_process_group(info, device)
+    torch.manual_seed(config.seed + info.rank)
+
+    run_dir = Path(config.out)
+    resume_from = _prepare_run_dir(run_dir, config, info)
+
+    student = build_student(
+        config.student, config.img_size, drop_path_rate=config.drop_path, overrides=config.student_overrides
+    )
+    mask_config = MaskConfig(*student.grid_size, ratio=config.mask_ratio, min_block=config.min_mask_block)
+    data = build_training_data(config, student, mask_config, device)
+    head = build_head(config.head, student, data.target_dim, depth=config.head_depth, width=config.head_width)
+    model = MaskDistillModel(student, head).to(device)
+
+    no_decay = {f"student.{name}" for name in student.no_weight_decay()}
+    no_decay |= {f"head.{name}" for name in getattr(head, "no_weight_decay", lambda: set())()}
+    optimizer = build_optimizer(model, 0.0, config.weight_decay, tuple(config.betas), no_decay, fused=device.type == "cuda")
+
+    state = _plan_steps(config, data, info)
+    schedule = _build_schedule(config, state, info)
+    if resume_from is not None:
+        state.step = _restore(resume_from, model, optimizer, config, info)
+
+    _log_start(config, info, model, data, schedule, state, run_dir)
+    trained = _wrap_model(model, config, device, info)
+    settings = StepSettings(
+        loss=config.loss,
+        smooth_l1_beta=config.smooth_l1_beta,
+        target_norm=config.target_norm,
+        clip_grad=config.clip_grad,
+        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+    )
+    summary = _train(config, info, device, trained, model, optimizer, schedule, data, settings, state, run_dir)
+    barrier()
+    return summary
+
+
+def _check_config(config: PretrainConfig) -> None:
+    if not config.out:
+        raise UsageError("missing --out: pass the folder for the run's checkpoints and logs")
+    online = config.teacher is not None or config.data is not None
+    if config.cache is None and not online:
+        raise UsageError("pass --cache CACHE, or --teacher NAME with --data PATH for the online teacher")
+    if config.cache is not None and online:
+        raise UsageError("--cache cannot be combined with --teacher or --data: pass either the cache or both of them")
+    if online and (config.teacher is None or config.data is None):
+        raise UsageError("the online teacher needs both --teacher NAME and --data PATH")
+    if (config.epochs is None) == (config.steps is None):
+        raise UsageError("pass exactly one of --epochs and --steps")
+    for name in ("epochs", "steps", "batch_size", "checkpoint_every", "log_every"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must lie in [0, 1), got {config.val_fraction}")
+
+
+def _prepare_run_dir(run_dir: Path, config: PretrainConfig, info: DistInfo) -> Path | None:
+    """Create the run folder, or check that `--resume` continues the run it holds."""
+    last = run_dir / ckpt.LAST_NAME
+    if last.exists() and not config.resume:
+        raise UsageError(
+            f"output folder {run_dir} already holds a run ({last.name}); "
+            "pass --resume to continue it or choose another --out"
+        )
+    saved_config = run_dir / "config.yaml"
+    if not last.exists() and saved_config.exists() and not config.resume and any(run_dir.glob("checkpoint-*.pt")):
+        raise UsageError(f"output folder {run_dir} holds checkpoints of another run; choose another --out")
+    if config.resume and saved_config.exists():
+        _check_same_run(yaml.safe_load(saved_config.read_text()), config, saved_config)
+
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=True))
+        write_json(run_dir / "environment.json", run_environment())
+        if config.cache is not None:
+            shutil.copyfile(Path(config.cache) / "manifest.json", run_dir / "cache-manifest.json")
+    barrier()
+
+    if config.resume and not last.exists():
+        logger.info("--resume given but %s does not exist yet; starting from step 0", last)
+        return None
+    return last if config.resume else None
+
+
+RUN_DEFINING = ("student", "cache", "teacher", "data", "head", "img_size", "mask_ratio", "loss", "target_norm", "seed")
+
+
+def _check_same_run(saved: dict, config: PretrainConfig, path: Path) -> None:
+    current = config_to_dict(config)
+    for name in RUN_DEFINING:
+        if saved.get(name) != current.get(name):
+            raise UsageError(
+                f"--resume with {name}={current.get(name)!r}, but the run in {path.parent} was started with "
+                f"{name}={saved.get(name)!r}; use the same setting or another --out"
+            )
+
+
+def _plan_steps(config: PretrainConfig, data: TrainingData, info: DistInfo) -> RunState:
+    steps_per_epoch = batches_per_epoch(len(data.train_ids), config.batch_size, info.world_size)
+    if steps_per_epoch == 0:
+        raise UsageError(
+            f"{len(data.train_ids)} training samples cannot fill a batch on {info.world_size} processes; "
+            "add data or lower --val-fraction"
+        )
+    total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
+    return RunState(step=0, total_steps=total, steps_per_epoch=steps_per_epoch)
+
+
+def _build_schedule(config: PretrainConfig, state: RunState, info: DistInfo) -> Schedule:
+    global_batch = config.batch_size * info.world_size
+    peak = config.lr if config.lr is not None else config.blr * global_batch / 256
+    if config.warmup_steps is not None:
+        warmup = config.warmup_steps
+    else:
+        warmup = int(round(config.warmup_epochs * state.steps_per_epoch))
+    warmup = min(warmup, max(0, state.total_steps - 1))
+    return Schedule(peak_lr=peak, min_lr=min(config.min_lr, peak), warmup_steps=warmup, total_steps=state.total_steps)
+
+
+def _restore(path: Path, model, optimizer, config: PretrainConfig, info: DistInfo) -> int:
+    payload = ckpt.load_checkpoint(path)
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    saved_world = payload.get("world_size", 1)
+    if saved_world != info.world_size:
+        logger.warning(
+            "checkpoint was written by %d processes, resuming with %d: the global batch changes from %d to %d",
+            saved_world, info.world_size, payload["config"]["batch_size"] * saved_world,
+            config.batch_size * info.world_size,
+        )
+    rng = payload.get("rng", {}).get(info.rank)
+    if rng is not None and saved_world == info.world_size:
+        ckpt.set_rng_state(rng)
+    logger.info("resumed from %s at step %d", path, payload["step"])
+    return int(payload["step"])
+
+
+def _wrap_model(model, config: PretrainConfig, device: torch.device, info: DistInfo):
+    trained = model
+    if config.compile:
+        trained = torch.compile(trained)
+    if info.enabled:
+        device_ids = [device.index] if device.type == "cuda" else None
+        trained = DistributedDataParallel(trained, device_ids=device_ids)
+    return trained
+
+
+def _log_start(config, info, model, data, schedule, state, run_dir) -> None:
+    student_params = sum(p.numel() for p in model.student.parameters())
+    head_params = sum(p.numel() for p in model.head.parameters())
+    global_batch = config.batch_size * info.world_size
+    logger.info("resolved config: %s", config_to_dict(config))
+    logger.info(
+        "student %s: %.2fM parameters, head %s: %.2fM parameters",
+        config.student, student_params / 1e6, config.head, head_params / 1e6,
+    )
+    logger.info(
+        "targets: grid %dx%d, width %d, from %s",
+        *model.student.grid_size, data.target_dim, data.description,
+    )
+    logger.info(
+        "global batch %d (%d per process x %d processes); lr %.3g (base lr %.3g per 256 images), "
+        "warmup %d steps, %d steps (%d per epoch), starting at step %d",
+        global_batch, config.batch_size, info.world_size, schedule.peak_lr, config.blr,
+        schedule.warmup_steps, state.total_steps, state.steps_per_epoch, state.step,
+    )
+    logger.info("training on %d samples, validating on %d; outputs in %s", len(data.train_ids), len(data.val_ids), run_dir)
+
+
+def _train(config, info, device, trained, model, optimizer, schedule, data, settings, state, run_dir) -> dict:
+    metrics = MetricsLog(run_dir, enabled=info.is_main)
+    process = psutil.Process()
+    running = []
+    last_loss = float("nan")
+    val_loss = None
+    window_start = time.monotonic()
+    window_images = 0
+    data_time = step_time = 0.0
+
+    epoch = state.step // state.steps_per_epoch
+    while state.step < state.total_steps:
+        skip = state.step - epoch * state.steps_per_epoch
+        loader = data.loader(epoch, skip)
+        fetch_start = time.monotonic()
+        for batch in loader:
+            if state.step >= state.total_steps:
+                break
+            ready = time.monotonic()
+            data_time += ready - fetch_start
+
+            # move the batch, get targets (from the cache or the teacher), update the weights
+            lr = schedule.lr_at(state.step)
+            set_lr(optimizer, lr)
+            images, targets, mask = data.to_device(batch, device, settings)
+            trained.train()
+            try:
+                loss, grad_norm = train_step(trained, optimizer, images, targets, mask, settings, state.step)
+            except NonFiniteLossError:
+                logger.error("stopping: non-finite loss; the last good checkpoint in %s is kept", run_dir)
+                raise
+            state.step += 1
+            fetch_start = time.monotonic()
+            step_time += fetch_start - ready
+
+            # log every N steps
+            running.append(loss)
+            last_loss = loss
+            window_images += images.shape[0] * info.world_size
+            if state.step % config.log_every == 0 or state.step == state.total_steps:
+                elapsed = time.monotonic() - window_start
+                record = {
+                    "epoch": epoch,
+                    "loss": loss,
+                    "loss_mean": float(np.mean(running[-config.log_every:])),
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "img_per_s": window_images / elapsed,
+                    "img_per_s_per_device": window_images / elapsed / info.world_size,
+                    "data_time": data_time,
+                    "step_time": step_time,
+                    "peak_memory_mb": _peak_memory_mb(device, process),
+                }
+                _log_step(state, record)
+                metrics.write(state.step, record)
+                window_start, window_images, data_time, step_time = time.monotonic(), 0, 0.0, 0.0
+
+            if state.step % config.checkpoint_every == 0 and state.step < state.total_steps:
+                _save(run_dir, model, optimizer, config, info, state, numbered=True)
+
+        if state.step % state.steps_per_epoch == 0 or state.step >= state.total_steps:
+            val_loss = _validate(trained, data, device, settings, config)
+            if val_loss is not None:
+                logger.info("epoch %d: validation loss %.4f", epoch, val_loss)
+                metrics.write(state.step, {"epoch": epoch, "val_loss": val_loss})
+        epoch += 1
+
+    _save(run_dir, model, optimizer, config, info, state, numbered=False)
+    metrics.close()
+    return {"steps": state.step, "loss": last_loss, "val_loss": val_loss, "run_dir": str(run_dir)}
+
+
+def _log_step(state: RunState, record: dict) -> None:
+    wait_share = record["data_time"] / max(record["data_time"] + record["step_time"], 1e-9)
+    logger.info(
+        "step %d/%d  loss %.4f (mean %.4f)  %.1f img/s (%.1f per device)  data wait %.0f%%  lr %.3g  peak mem %.0f MB",
+        state.step, state.total_steps, record["loss"], record["loss_mean"], record["img_per_s"],
+        record["img_per_s_per_device"], 100 * wait_share, record["lr"], record["peak_memory_mb"],
+    )
+
+
+def _peak_memory_mb(device: torch.device, process: psutil.Process) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return process.memory_info().rss / 2**20
+
+
+@torch.no_grad()
+def _validate(trained, data, device, settings, config) -> float | None:
+    if len(data.val_ids) == 0:
+        return None
+    trained.eval()
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for batch in data.val_loader():
+        images, targets, mask = data.to_device(batch, device, settings)
+        loss = compute_loss(trained, images, targets, mask, settings)
+        total += loss * images.shape[0]
+        count += images.shape[0]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(count)
+    trained.train()
+    return (total / count.clamp(min=1)).item()
+
+
+def _save(run_dir: Path, model, optimizer, config, info: DistInfo, state: RunState, numbered: bool) -> None:
+    rng_states = _gather_rng(info)
+    if not info.is_main:
+        return
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": state.step,
+        "epoch": state.step // state.steps_per_epoch,
+        "world_size": info.world_size,
+        "rng": rng_states,
+        "config": config_to_dict(config),
+    }
+    ckpt.save_checkpoint(run_dir / ckpt.LAST_NAME, payload)
+    if numbered:
+        shutil.copyfile(run_dir / ckpt.LAST_NAME, run_dir / f"checkpoint-{state.step:08d}.pt")
+
+
+def _gather_rng(info: DistInfo) -> dict:
+    state = ckpt.rng_state()
+    if not info.enabled:
+        return {0: state}
+    gathered = [None] * info.world_size
+    torch.distributed.all_gather_object(gathered, state)
+    return dict(enumerate(gathered))

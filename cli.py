@@ -1,8 +1,8 @@
 """The `maskdistill` command line: parses options and hands typed configs to the stages.
 
-Every option that changes what a run computes can also come from a YAML preset (`--config`);
-an option given on the command line wins over the preset. User-fixable errors print one line
-and exit with code 2; `--debug` shows the traceback instead.
+Every option that changes what a run computes can also come from a YAML preset (`--config`),
+and an option given on the command line wins over the preset. User-fixable errors print one
+line and exit with code 2, unless `--debug` asks for the traceback.
 """
 
 from __future__ import annotations

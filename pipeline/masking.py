@@ -1,10 +1,10 @@
 """Block-wise masking in the style of BEiT.
 
 Masks live on the target grid, shape [Gh, Gw] (or [B, Gh, Gw]), with True = masked: the patch
-is replaced by the student's mask token and its target is predicted. A mask is drawn from its
-own random generator, seeded by (seed, epoch, image index), so the cached and the online
-trainer, every process count and a resumed run all draw the same mask for the same sample,
-while each epoch draws a new one.
+is replaced by the student's mask token and its target is predicted. Each mask has its own
+random generator, seeded by (seed, epoch, image index). So the cached and the online trainer,
+any process count and a resumed run draw the same mask for the same sample, and each epoch
+draws a new one.
 """
 
 from __future__ import annotations

@@ -1,13 +1,16 @@
 """Console logging, metrics files and progress display for long stages.
 
-Only rank 0 logs at INFO to the console; other ranks log warnings and errors. Metrics go to a
-JSON-lines file in the run folder, and to TensorBoard event files when tensorboard is installed.
-Progress is a rich progress bar on a terminal and a log line every `interval` seconds otherwise,
-so batch logs stay line-based.
+Only rank 0 logs at INFO to the console; other ranks log warnings and errors. Everything goes
+to stderr, so stdout keeps only a command's result. Metrics go to a JSON-lines file in the run
+folder, and to TensorBoard event files when tensorboard is installed. Progress is a rich
+progress bar when stderr is a terminal, and otherwise a plain log line every
+`LOG_INTERVAL_SECONDS`, so that piped or batch-job output stays line-based (no carriage
+returns, no ANSI escapes).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
@@ -15,13 +18,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 logger = logging.getLogger(__name__)
 
+LOG_INTERVAL_SECONDS = 30.0
+QUIET_LOGGERS = ("PIL", "matplotlib", "urllib3", "httpx", "huggingface_hub", "filelock")
+
+# One console for log records and progress bars, so that records print above a running bar.
+CONSOLE = Console(stderr=True)
+
+
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
 
 def setup_logging(rank: int = 0, debug: bool = False) -> None:
+    """Log to stderr: INFO (DEBUG with `debug`) on rank 0, WARNING and above on other ranks.
+
+    On a terminal, rich formats the records. Elsewhere each record is one plain line with time,
+    level and logger name, and ranks other than 0 prefix it with their rank.
+    """
     level = logging.DEBUG if debug else logging.INFO
     if rank != 0:
         level = logging.WARNING
@@ -29,8 +48,8 @@ def setup_logging(rank: int = 0, debug: bool = False) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    if sys.stderr.isatty():
-        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=debug)
+    if stderr_is_terminal():
+        handler: logging.Handler = RichHandler(console=CONSOLE, show_path=False, rich_tracebacks=debug)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -38,16 +57,21 @@ def setup_logging(rank: int = 0, debug: bool = False) -> None:
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("PIL", "matplotlib", "urllib3", "httpx", "huggingface_hub", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class MetricsLog:
-    """Metrics as JSON lines (`metrics.jsonl`) and, when available, TensorBoard events."""
+    """Metrics as JSON lines (`metrics.jsonl`) and, when available, TensorBoard events.
+
+    Each line is one record: `{"step": ..., "time": <unix seconds>, **values}`. A resumed run
+    appends to the same file, so a step may appear twice; the later record is the one that counts.
+    TensorBoard gets the numeric values only, under `run_dir/tensorboard`.
+    """
 
     def __init__(self, run_dir: Path, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = Path(run_dir) / "metrics.jsonl"
         self._tensorboard = None
         if not enabled:
             return
@@ -56,7 +80,7 @@ class MetricsLog:
         except ImportError:
             logger.info("tensorboard is not installed; metrics go to %s only", self.path)
         else:
-            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -66,64 +90,121 @@ class MetricsLog:
             stream.write(json.dumps(record) + "\n")
         if self._tensorboard is not None:
             for name, value in values.items():
-                if isinstance(value, (int, float)):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tensorboard.add_scalar(name, value, step)
 
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+            self._tensorboard = None
 
 
 class ProgressReporter:
-    """A progress bar on a terminal; a log line every `interval` seconds otherwise."""
+    """Progress of a long stage: a rich bar on a terminal, a log line every `interval` s otherwise.
 
-    def __init__(self, description: str, total: int, unit: str = "img", enabled: bool = True, interval: float = 30.0):
+    `advance(count, extra)` adds `count` done units (`unit`, e.g. "img"); the count, `rate` and
+    `eta_seconds()` are kept even when display is disabled (`enabled=False`). `extra` is text shown
+    after the rate, such as shards done and bytes written. It stays until a later call passes new
+    text. `close()` stops the bar, or logs a final line. With `log_lines=False` nothing is logged
+    off a terminal, for loops that log their own periodic lines.
+    """
+
+    def __init__(
+        self,
+        description: str,
+        total: int,
+        unit: str = "img",
+        enabled: bool = True,
+        interval: float = LOG_INTERVAL_SECONDS,
+        log_lines: bool = True,
+    ) -> None:
         self.description = description
         self.total = total
         self.unit = unit
         self.enabled = enabled
         self.interval = interval
+        self.log_lines = log_lines
         self.done = 0
+        self.extra = ""
         self.started = time.monotonic()
         self._last_line = self.started
+        self._logged_done = 0
+        self._closed = False
         self._bar: Progress | None = None
         self._task = None
-        if enabled and sys.stderr.isatty():
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TextColumn("{task.fields[extra]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-            )
-            self._bar.start()
-            self._task = self._bar.add_task(description, total=total, rate="", extra="")
+        if enabled and stderr_is_terminal():
+            self._start_bar()
 
-    def advance(self, count: int, extra: str = "") -> None:
-        if not self.enabled:
-            return
+    def _start_bar(self) -> None:
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn(self.unit),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[extra]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=CONSOLE,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(self.description, total=self.total, rate="", extra="")
+        # A bar left running would keep the terminal's cursor hidden after an exception.
+        atexit.register(self.close)
+
+    @property
+    def rate(self) -> float:
+        """Units per second since the reporter started."""
+        return self.done / max(time.monotonic() - self.started, 1e-9)
+
+    def eta_seconds(self) -> float:
+        """Estimated seconds left at the mean rate so far; inf before the first unit is done."""
+        rate = self.rate
+        return (self.total - self.done) / rate if rate > 0 else float("inf")
+
+    def advance(self, count: int, extra: str | None = None) -> None:
         self.done += count
-        now = time.monotonic()
-        rate = self.done / max(now - self.started, 1e-9)
+        if extra is not None:
+            self.extra = extra
+        if not self.enabled or self._closed:
+            return
+
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, rate=f"{rate:.1f} {self.unit}/s", extra=extra)
-        elif now - self._last_line >= self.interval or self.done >= self.total:
+            rate = f"{self.rate:.1f} {self.unit}/s"
+            self._bar.update(self._task, completed=self.done, rate=rate, extra=self.extra)
+            return
+        now = time.monotonic()
+        if self.log_lines and now - self._last_line >= self.interval:
             self._last_line = now
-            remaining = (self.total - self.done) / rate if rate > 0 else float("inf")
-            logger.info(
-                "%s: %d/%d %s, %.1f %s/s, ETA %s %s",
-                self.description, self.done, self.total, self.unit, rate, self.unit, format_seconds(remaining), extra,
-            )
+            self._log_line()
+
+    def _log_line(self, final: bool = False) -> None:
+        self._logged_done = self.done
+        percent = 100.0 * self.done / self.total if self.total else 100.0
+        elapsed = format_seconds(time.monotonic() - self.started)
+        eta = "" if final else f", ETA {format_seconds(self.eta_seconds())}"
+        extra = f"; {self.extra}" if self.extra else ""
+        logger.info(
+            "%s: %d/%d %s (%.0f%%), %.1f %s/s, elapsed %s%s%s",
+            self.description, self.done, self.total, self.unit, percent, self.rate, self.unit, elapsed, eta, extra,
+        )
 
     def close(self) -> None:
+        """Stop the bar, or log the final count and rate; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
         if self._bar is not None:
             self._bar.stop()
+            atexit.unregister(self.close)
+        elif self.enabled and self.log_lines and (self.done != self._logged_done or self.done == 0):
+            self._log_line(final=True)
 
 
 def format_seconds(seconds: float) -> str:
-    if seconds == float("inf"):
+    """Format a duration as H:MM:SS, or "unknown" for inf or NaN."""
+    if seconds != seconds or seconds == float("inf"):
         return "unknown"
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)

@@ -1,29 +1,35 @@
-"""`maskdistill inspect` and `maskdistill verify`: read a cache's manifest and check its bytes."""
+"""`maskdistill inspect` and `maskdistill verify`: describe a cache, draw its samples, check its bytes."""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
-from pipeline.cache import CacheReader, verify_cache
+import numpy as np
+
+from pipeline.cache import CacheReader, ShardData, verify_cache
+from pipeline.cache.shard import concat_shard_data
+from pipeline.codecs import build_codec
+from pipeline.errors import UsageError
+from pipeline.masking import MaskConfig, sample_masks
+from pipeline.visualize import ViewPanel, check_figure_suffix, decode_jpeg, pca_colors, save_view_grid
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
+SKIPPED_LISTED = 5
+KIB = 1024
 
 
 def describe_cache(root: str | Path, project_images: int = IMAGENET_TRAIN_IMAGES) -> str:
-    """Return a readable summary of a cache: teacher, grid, codec, views, counts, bytes, fidelity."""
+    """Return a readable summary of a cache: teacher, grid, codec, views, skipped inputs, bytes, fidelity."""
     reader = CacheReader(Path(root))
     manifest = reader.manifest
     settings = manifest["settings"]
     teacher = settings["teacher"]
     targets = settings["targets"]
     view = settings["student_view"]
-    codec = settings["codec"]
-    fidelity = manifest.get("fidelity") or {}
-    per_view = manifest.get("bytes_per_view") or {}
-    total_per_view = per_view.get("total", 0.0)
 
     lines = [
         f"cache       {Path(root)}  (format {manifest['format']}, schema {manifest['schema_version']})",
@@ -31,27 +37,152 @@ def describe_cache(root: str | Path, project_images: int = IMAGENET_TRAIN_IMAGES
         f"            input {teacher.get('input_size')} px, mean {teacher.get('mean')}, std {teacher.get('std')}",
         f"targets     grid {targets['grid'][0]}x{targets['grid'][1]}, width {targets['dim']}, {targets['layer']}",
         f"student     {view['img_size']} px views, patch {view['patch_size']}, JPEG quality {view['jpeg_quality']}",
-        f"codec       {codec['full_name']}",
+        f"codec       {settings['codec']['full_name']}",
         f"views       {settings['views']} per image, seed {settings['seed']}",
         f"samples     {manifest['num_images']} images, {manifest['num_samples']} views, {manifest['num_shards']} shards",
-        f"skipped     {manifest.get('num_skipped', 0)} of {manifest.get('num_inputs', manifest['num_images'])} inputs",
     ]
-    for item in (manifest.get("skipped") or [])[:5]:
-        lines.append(f"            {item['source']}: {item['reason']}")
-    if total_per_view:
-        target_bytes = per_view.get("targets") or 0.0
-        lines.append(f"bytes/view  {total_per_view / 1024:.1f} KiB in all, {target_bytes / 1024:.1f} KiB of targets")
-    if fidelity:
-        lines.append(
-            f"fidelity    cosine mean {fidelity['cosine_mean']:.5f}, p1 {fidelity['cosine_p1']:.5f}, "
-            f"relative MSE {fidelity['relative_mse']:.2e} on {fidelity.get('num_views', '?')} held-out views"
-        )
-    if total_per_view:
-        projected = total_per_view * settings["views"] * project_images
-        lines.append(
-            f"projection  {project_images:,} images x {settings['views']} views: {projected / 1e9:.1f} GB"
-        )
+    lines += _skipped_lines(manifest)
+    lines += _bytes_lines(manifest, project_images)
+    lines += _fidelity_lines(manifest.get("fidelity") or {})
     return "\n".join(lines)
+
+
+def _skipped_lines(manifest: dict) -> list[str]:
+    """Count skipped inputs by reason, then list the first few with their reasons."""
+    skipped = manifest.get("skipped") or []
+    count = manifest.get("num_skipped", len(skipped))
+    inputs = manifest.get("num_inputs", manifest["num_images"])
+    share = f" ({100 * count / inputs:.2f}%)" if inputs else ""
+    lines = [f"skipped     {count} of {inputs} inputs{share}"]
+    if not skipped:
+        return lines
+
+    # A reason reads "<kind>: <details>"; the kind groups files that failed the same way.
+    kinds = Counter(str(item["reason"]).split(":")[0] for item in skipped)
+    for kind, number in kinds.most_common():
+        lines.append(f"            {number:>6} x {kind}")
+    lines.append("            first skipped:")
+    for item in skipped[:SKIPPED_LISTED]:
+        lines.append(f"              {item['source']}: {item['reason']}")
+    if len(skipped) > SKIPPED_LISTED:
+        lines.append(f"              ... and {len(skipped) - SKIPPED_LISTED} more (see the skipped list in manifest.json)")
+    return lines
+
+
+def _bytes_lines(manifest: dict, project_images: int) -> list[str]:
+    """Bytes per view split into targets and the rest, the saving against float32, and a projection."""
+    per_view = manifest.get("bytes_per_view") or {}
+    total = per_view.get("total") or 0.0
+    if not total:
+        return []
+    settings = manifest["settings"]
+    grid = settings["targets"]["grid"]
+    float32_bytes = grid[0] * grid[1] * settings["targets"]["dim"] * 4
+
+    target_bytes = per_view.get("targets")
+    if target_bytes:
+        lines = [
+            f"bytes/view  {total / KIB:.1f} KiB: targets {target_bytes / KIB:.1f} KiB "
+            f"({float32_bytes / target_bytes:.1f}x smaller than float32, {float32_bytes / KIB:.1f} KiB), "
+            f"JPEG view and metadata {(total - target_bytes) / KIB:.1f} KiB"
+        ]
+    else:
+        lines = [f"bytes/view  {total / KIB:.1f} KiB in all (float32 targets would take {float32_bytes / KIB:.1f} KiB)"]
+
+    projected = total * settings["views"] * project_images
+    lines.append(f"projection  {project_images:,} images x {settings['views']} views: {projected / 1e9:.1f} GB")
+    return lines
+
+
+def _fidelity_lines(fidelity: dict) -> list[str]:
+    if not fidelity:
+        return ["fidelity    not measured (fidelity views were 0)"]
+    return [
+        f"fidelity    cosine mean {fidelity['cosine_mean']:.5f}, 1st percentile {fidelity['cosine_p1']:.5f}, "
+        f"relative MSE {fidelity['relative_mse']:.2e}",
+        f"            {fidelity.get('num_views', '?')} held-out views, {fidelity.get('norm', 'layernorm')}-normalized "
+        "targets compared with a fresh teacher pass",
+    ]
+
+
+def show_cache(
+    root: str | Path,
+    output: str | Path,
+    count: int = 8,
+    view: int = 0,
+    mask_ratio: float = 0.4,
+    min_mask_block: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Draw `count` samples of one view of a cache with their targets and a mask; return the figure path.
+
+    Each sample shows the stored student view, the view with the mask of epoch 0 grayed out (the
+    mask that `pretrain --seed seed --mask-ratio mask_ratio` draws for it in its first epoch), and
+    its decoded targets as PCA colors. The samples are the first `count` of the view in shard
+    order. The PCA is fitted over exactly the samples shown.
+    """
+    output = Path(output)
+    check_figure_suffix(output)
+    if count < 1:
+        raise UsageError(f"--show must be at least 1, got {count}")
+    reader = CacheReader(Path(root))
+    if not 0 <= view < reader.num_views:
+        raise UsageError(f"--view {view} is out of range: cache {root} has views 0 to {reader.num_views - 1}")
+
+    samples = _first_samples(reader, count, view)
+    settings = reader.manifest["settings"]
+    grid = tuple(settings["targets"]["grid"])
+    colors = pca_colors(_decode_targets(reader, samples.targets), grid)
+    mask_config = MaskConfig(grid[0], grid[1], ratio=mask_ratio, min_block=min_mask_block)
+    masks = sample_masks(mask_config, seed, 0, samples.image_index)
+
+    panels = [
+        ViewPanel(
+            view=decode_jpeg(samples.jpeg[i]),
+            targets_rgb=colors[i],
+            mask=masks[i],
+            title=f"image {int(samples.image_index[i])}, view {view}\n{_short(samples.source[i])}",
+        )
+        for i in range(len(samples))
+    ]
+    title = (
+        f"{Path(root).name}: teacher {settings['teacher']['name']}, codec {settings['codec']['full_name']}\n"
+        f"targets {grid[0]}x{grid[1]} x {settings['targets']['dim']}; mask ratio {mask_ratio}, seed {seed}, epoch 0"
+    )
+    save_view_grid(panels, output, title)
+    logger.info("drew %d samples of view %d of %s into %s", len(samples), view, root, output)
+    return output
+
+
+def _first_samples(reader: CacheReader, count: int, view: int) -> ShardData:
+    """Read view slices shard by shard until `count` samples are collected (fewer if the cache is smaller)."""
+    pieces: list[ShardData] = []
+    collected = 0
+    for record in sorted(reader.shards, key=lambda item: item.shard_id):
+        if collected >= count:
+            break
+        if record.num_images == 0:
+            continue
+        data = reader.read_shard(record.shard_id, view)
+        keep = min(len(data), count - collected)
+        pieces.append(data.select(np.arange(keep)))
+        collected += keep
+    if not pieces:
+        raise UsageError(f"cache {reader.root} contains no samples to show")
+    return concat_shard_data(pieces)
+
+
+def _decode_targets(reader: CacheReader, parts: dict[str, np.ndarray]) -> np.ndarray:
+    """Decode stored target parts to float32 [N, L, D] with the codec named in the manifest."""
+    codec = build_codec(reader.manifest["settings"]["codec"]["name"])
+    if codec.needs_fit:
+        codec.load_state(reader.codec_state())
+    return codec.decode(parts)
+
+
+def _short(source: str, limit: int = 28) -> str:
+    name = Path(source).name
+    return name if len(name) <= limit else "..." + name[-(limit - 3):]
 
 
 def run_verify(root: str | Path) -> tuple[bool, str]:

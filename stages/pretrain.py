@@ -32,12 +32,13 @@ from pipeline.engine import (
 )
 from pipeline.errors import UsageError
 from pipeline.heads import build_head
-from pipeline.logs import MetricsLog, write_json
+from pipeline.logs import MetricsLog, ProgressReporter, format_seconds, write_json
 from pipeline.masking import MaskConfig
 from pipeline.optim import Schedule, build_optimizer, set_lr
 from pipeline.provenance import run_environment
 from pipeline.students import build_student
 from pipeline.data.training import TrainingData, build_training_data
+from stages.plot_runs import PLOT_NAME, plot_runs
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +229,11 @@ def _log_start(config, info, model, data, schedule, state, run_dir) -> None:
 
 def _train(config, info, device, trained, model, optimizer, schedule, data, settings, state, run_dir) -> dict:
     metrics = MetricsLog(run_dir, enabled=info.is_main)
+    global_batch = config.batch_size * info.world_size
+    # a bar on a terminal; elsewhere the step lines below are the progress
+    progress = ProgressReporter(
+        "pretrain", (state.total_steps - state.step) * global_batch, enabled=info.is_main, log_lines=False
+    )
     process = psutil.Process()
     running = []
     last_loss = float("nan")
@@ -265,6 +271,9 @@ def _train(config, info, device, trained, model, optimizer, schedule, data, sett
             running.append(loss)
             last_loss = loss
             window_images += images.shape[0] * info.world_size
+            progress.advance(
+                images.shape[0] * info.world_size, extra=f"step {state.step}/{state.total_steps}, loss {loss:.4f}"
+            )
             if state.step % config.log_every == 0 or state.step == state.total_steps:
                 elapsed = time.monotonic() - window_start
                 record = {
@@ -278,6 +287,7 @@ def _train(config, info, device, trained, model, optimizer, schedule, data, sett
                     "data_time": data_time,
                     "step_time": step_time,
                     "peak_memory_mb": _peak_memory_mb(device, process),
+                    "eta_seconds": progress.eta_seconds(),
                 }
                 _log_step(state, record)
                 metrics.write(state.step, record)
@@ -293,17 +303,22 @@ def _train(config, info, device, trained, model, optimizer, schedule, data, sett
                 metrics.write(state.step, {"epoch": epoch, "val_loss": val_loss})
         epoch += 1
 
+    progress.close()
     _save(run_dir, model, optimizer, config, info, state, numbered=False)
     metrics.close()
+    if info.is_main:
+        plot_runs([run_dir], run_dir / PLOT_NAME)
     return {"steps": state.step, "loss": last_loss, "val_loss": val_loss, "run_dir": str(run_dir)}
 
 
 def _log_step(state: RunState, record: dict) -> None:
     wait_share = record["data_time"] / max(record["data_time"] + record["step_time"], 1e-9)
     logger.info(
-        "step %d/%d  loss %.4f (mean %.4f)  %.1f img/s (%.1f per device)  data wait %.0f%%  lr %.3g  peak mem %.0f MB",
+        "step %d/%d  loss %.4f (mean %.4f)  %.1f img/s (%.1f per device)  data wait %.0f%%  lr %.3g  "
+        "peak mem %.0f MB  ETA %s",
         state.step, state.total_steps, record["loss"], record["loss_mean"], record["img_per_s"],
         record["img_per_s_per_device"], 100 * wait_share, record["lr"], record["peak_memory_mb"],
+        format_seconds(record["eta_seconds"]),
     )
 
 

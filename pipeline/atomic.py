@@ -8,6 +8,7 @@ from the live temp file of a concurrent writer (see ``remove_stale_temps``).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,6 +25,26 @@ logger = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"
 _TEMP_NAME = re.compile(r"^\.tmp-(?P<name>.+)-(?P<pid>\d+)-(?P<token>[0-9a-f]{8})@(?P<host>[A-Za-z0-9._-]+)$")
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""errno values of a write that failed for lack of space: device full or disk quota exceeded."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Check whether `error` is an OSError for a full device or an exceeded disk quota."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+@contextmanager
+def naming_disk_full(path: Path) -> Iterator[None]:
+    """Re-raise a disk-full OSError that names no file (as from ``write``) as one that names ``path``."""
+    try:
+        yield
+    except OSError as error:
+        if is_disk_full(error) and error.filename is None:
+            raise OSError(error.errno, error.strerror or os.strerror(error.errno), str(path)) from error
+        raise
 
 
 def host_name() -> str:
@@ -63,7 +84,8 @@ def fsync_tree(folder: Path) -> None:
 def atomic_open(path: Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
     """Open a temp file that replaces ``path`` when the block exits without an exception.
 
-    On an exception the temp file is removed and ``path`` keeps its previous content.
+    On an exception the temp file is removed and ``path`` keeps its previous content. A disk-full
+    error is re-raised naming ``path``.
     ``mode`` is "wb" for bytes or "w" (same as "wt") for text.
     """
     path = Path(path)
@@ -72,7 +94,7 @@ def atomic_open(path: Path, mode: str = "wb", encoding: str | None = None) -> It
 
     tmp = temp_path(path)
     try:
-        with open(tmp, mode, encoding=encoding) as f:
+        with naming_disk_full(path), open(tmp, mode, encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -17,7 +17,8 @@ other extensions, unreadable folders, and for tar input truncated or empty shard
 without an image.
 
 Relative paths keep undecodable bytes as surrogate escapes (PEP 383), so `os.fsencode(source)`
-returns the original bytes. Encode `source` with errors="surrogateescape" when writing it.
+returns the original bytes. Encode `source` with errors="surrogateescape" when writing it, or
+store `printable_source(source)` where only valid UTF-8 text fits (zarr string arrays).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import stat
 import tarfile
 from collections import Counter, deque
@@ -48,6 +50,15 @@ IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 LABEL_FIELD = "cls"
 
 _OS_JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
+
+_NOT_IMAGE_REASONS = (
+    "os junk file",
+    "not a regular file",
+    "not an image file extension",
+    "folder already indexed as",
+    "symlink loop",
+)
+"""Prefixes of skip reasons for entries that were never image inputs; see `is_bad_input`."""
 
 _IDENTIFY_ONLY_FORMATS = frozenset({"BUFR", "GRIB", "HDF5", "MPEG"})
 """Formats that Pillow recognizes but has no pixel decoder for, so their files are not images here."""
@@ -114,6 +125,20 @@ class ImageSource:
             digest.update(record.source.encode("utf-8", "surrogateescape"))
             digest.update(f"\0{size}\n".encode())
         return digest.hexdigest()
+
+
+def is_bad_input(reason: str) -> bool:
+    """Tell a broken or missing input (True) from a skipped entry that is not an image, such as a .txt file.
+
+    Broken inputs are empty or undecodable images, dangling links, damaged shards and samples
+    without an image. Only they count against `--max-bad-fraction` and stop a `--strict` run.
+    """
+    return not reason.startswith(_NOT_IMAGE_REASONS)
+
+
+def printable_source(source: str) -> str:
+    """Return `source` as valid UTF-8 text, with each undecodable byte of a file name written as \\xNN."""
+    return source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def open_source(path: str | Path) -> ImageSource:
@@ -453,7 +478,7 @@ def _only_zeros_after(path: str, offset: int, chunk_size: int = 1 << 16) -> bool
 def _check_not_empty(source: ImageSource) -> None:
     if source.records:
         return
-    reasons = _count_reasons(source.skipped)
+    reasons = count_reasons(source.skipped)
     detail = f" ({len(source.skipped)} entries skipped: {reasons})" if source.skipped else ""
     raise UsageError(
         f"no images found under {source.path}{detail}. Image files are searched recursively, "
@@ -464,10 +489,10 @@ def _check_not_empty(source: ImageSource) -> None:
 def _log_summary(source: ImageSource) -> None:
     logger.info("indexed %d images from %s (%s)", len(source), source.path, source.kind)
     if source.skipped:
-        logger.info("skipped %d entries while indexing: %s", len(source.skipped), _count_reasons(source.skipped))
+        logger.info("skipped %d entries while indexing: %s", len(source.skipped), count_reasons(source.skipped))
 
 
-def _count_reasons(skipped: Iterable[tuple[str, str]]) -> str:
-    """Summarize reasons by their text before the first colon, most common first."""
-    counts = Counter(reason.split(":")[0] for _, reason in skipped)
+def count_reasons(skipped: Iterable[tuple[str, str]]) -> str:
+    """Summarize reasons by their text before the first colon or bracket, most common first."""
+    counts = Counter(re.split(r"[:(]", reason)[0].strip() for _, reason in skipped)
     return ", ".join(f"{reason}: {count}" for reason, count in counts.most_common())

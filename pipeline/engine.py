@@ -18,8 +18,19 @@ from pipeline.losses import masked_distill_loss
 from pipeline.targets import normalize_targets
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; nothing of this step was applied to the weights."""
+class TrainingDivergedError(RuntimeError):
+    """Training produced NaN or infinite values; the run stops and keeps its last good checkpoint."""
+
+
+class NonFiniteLossError(TrainingDivergedError):
+    """The loss or gradient norm of a step became NaN or infinite; the step was not applied.
+
+    `step` is the 1-based number of the failed step, as the training log counts steps.
+    """
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class MaskDistillModel(nn.Module):
@@ -97,8 +108,9 @@ def train_step(
 ) -> tuple[float, float]:
     """Run forward, backward and the optimizer update; return (loss, gradient norm).
 
-    The finiteness check uses the gradient norm, which DDP makes identical on every rank, so
-    all ranks raise together instead of leaving the others waiting in a collective.
+    `step` is the number of steps already taken. The finiteness check uses the gradient norm,
+    which DDP makes identical on every rank, so all ranks raise together instead of leaving the
+    others waiting in a collective. Raises NonFiniteLossError before the optimizer update.
     """
     loss = compute_loss(model, images, targets, mask, settings)
     optimizer.zero_grad(set_to_none=True)
@@ -113,7 +125,9 @@ def train_step(
     if not (math.isfinite(grad_norm) and math.isfinite(loss_value)):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(
-            f"loss {loss_value}, gradient norm {grad_norm} at step {step}; the weights were not updated"
+            f"non-finite loss at step {step + 1} (loss {loss_value}, gradient norm {grad_norm}); "
+            "the weights were not updated",
+            step + 1,
         )
 
     optimizer.step()

@@ -1,9 +1,15 @@
 """Stage-two dataset that reads student views and teacher targets from a cache.
 
 A sample id enumerates the samples of one view across the cache, shard after shard. Batches
-arrive as lists of (epoch, view, sample id); a worker reads the shard view slices it needs as
-whole chunks, keeps the last few in memory (the epoch order visits a window of shards at a
-time), and decodes only the samples of its batch.
+arrive as lists of (epoch, view, sample id). A worker reads the shard view slices it needs as
+whole chunks, keeps at most `shards_in_memory` of them, and decodes only the samples of its
+batch.
+
+The epoch order (`pipeline.data.order`) visits the shards in windows of `SHARD_WINDOW`, so a
+worker that keeps one window of slices reads each slice once per epoch: within a window every
+slice stays cached, and when a batch reaches the next window, the slices it already holds are
+used before new ones evict the oldest. Memory per worker is therefore one window of view slices,
+whatever the size of the cache.
 
 NOTE: every rank reads the whole view slice of each shard it touches and keeps its own part of
 each global batch, so storage reads grow with the number of ranks (the page cache absorbs this
@@ -21,8 +27,9 @@ import numpy as np
 import torch
 import torchvision
 
-from pipeline.cache import CacheReader
+from pipeline.cache import CacheReader, ShardData
 from pipeline.codecs import build_codec
+from pipeline.data.order import SHARD_WINDOW
 from pipeline.masking import MaskConfig, sample_masks
 
 logger = logging.getLogger(__name__)
@@ -58,6 +65,32 @@ def cache_layout(reader: CacheReader) -> CacheLayout:
     )
 
 
+@dataclass(frozen=True)
+class ViewSlice:
+    """The columns of one shard's view slice that training reads, n samples.
+
+    The JPEGs are kept back to back in one byte tensor, so a batch takes views of it instead of
+    copying each file.
+    """
+
+    image_index: np.ndarray  # int64 [n]
+    targets: dict[str, np.ndarray]  # codec parts, each [n, ...]
+    jpeg: torch.Tensor  # uint8 [total bytes]
+    jpeg_offsets: list[int]  # n + 1 byte offsets into `jpeg`
+
+    @classmethod
+    def from_shard(cls, data: ShardData) -> ViewSlice:
+        offsets = np.zeros(len(data.jpeg) + 1, dtype=np.int64)
+        np.cumsum([len(jpeg) for jpeg in data.jpeg], out=offsets[1:])
+        joined = bytearray().join(data.jpeg)
+        jpeg = torch.frombuffer(joined, dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
+        return cls(data.image_index, data.targets, jpeg, offsets.tolist())
+
+    def jpeg_at(self, row: int) -> torch.Tensor:
+        """The JPEG bytes of sample `row`, a view into `jpeg`."""
+        return self.jpeg[self.jpeg_offsets[row] : self.jpeg_offsets[row + 1]]
+
+
 class CachedViews(torch.utils.data.Dataset):
     """Batches of student views, decoded targets and masks, read from a cache."""
 
@@ -67,8 +100,10 @@ class CachedViews(torch.utils.data.Dataset):
         mask_config: MaskConfig,
         seed: int,
         decode_jpeg: bool = True,
-        shards_in_memory: int = 8,
+        shards_in_memory: int = SHARD_WINDOW,
     ) -> None:
+        if shards_in_memory < 1:
+            raise ValueError(f"shards_in_memory must be at least 1, got {shards_in_memory}")
         self.root = Path(root)
         self.mask_config = mask_config
         self.seed = seed
@@ -80,78 +115,88 @@ class CachedViews(torch.utils.data.Dataset):
         self.codec = build_codec(self.reader.manifest["settings"]["codec"]["name"])
         if self.codec.needs_fit:
             self.codec.load_state(self.reader.codec_state())
-        self._slices: OrderedDict = OrderedDict()
+        self._slices: OrderedDict[tuple[int, int], ViewSlice] = OrderedDict()
 
     def __len__(self) -> int:
         return self.layout.num_samples
 
-    def image_indices(self, view: int = 0) -> np.ndarray:
-        """Source image index of every sample id, read from the shards' metadata."""
-        indices = [self._slice(position, view).image_index for position in range(len(self.layout.shard_ids))]
-        return np.concatenate(indices) if indices else np.empty(0, dtype=np.int64)
+    @property
+    def slices_in_memory(self) -> int:
+        """Number of shard view slices this process holds now."""
+        return len(self._slices)
 
     def __getitems__(self, items: list[tuple[int, int, int]]) -> dict:
-        """Load one batch.
+        """Load one batch, in the order of `items`.
 
         Args:
             items: (epoch, view, sample id) per sample; one epoch and view per batch.
         Returns:
-            images: uint8 [B, 3, H, W] student views (or `jpeg`, a list of uint8 byte tensors,
-                when JPEG decoding is left to the GPU); targets: float32 [B, L, D] decoded, not
-                yet normalized; mask: bool [B, Gh, Gw], True = masked; image_index: int64 [B].
+            images: uint8 [B, 3, H, W] student views, or, when JPEG decoding is left to the GPU,
+                jpeg: uint8 [total bytes] the batch's JPEG files back to back, with
+                jpeg_offsets: int64 [B + 1];
+            targets: float32 [B, L, D] decoded, not yet normalized;
+            mask: bool [B, Gh, Gw], True = masked;
+            image_index: int64 [B]; sample_id: int64 [B].
         """
         epoch, view = items[0][0], items[0][1]
+        if any(item[0] != epoch or item[1] != view for item in items):
+            raise ValueError(f"a batch must hold one epoch and one view, got items {items[:4]} ...")
         sample_ids = np.array([item[2] for item in items], dtype=np.int64)
-        positions, offsets = self.layout.locate(sample_ids)
+        positions, rows = self.layout.locate(sample_ids)
 
-        jpeg, parts, image_index = [], [], []
-        for position in np.unique(positions):
+        batch_size = len(items)
+        image_index = np.empty(batch_size, dtype=np.int64)
+        parts = {
+            name: np.empty((batch_size, *shape), dtype=dtype) for name, (shape, dtype) in self.reader.layout.parts.items()
+        }
+        jpeg: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * batch_size
+
+        for position in self._visit_order(positions, view):
             chosen = np.flatnonzero(positions == position)
-            data = self._slice(int(position), view).select(offsets[chosen])
-            jpeg.extend((chosen[i], data.jpeg[i]) for i in range(len(chosen)))
-            parts.append((chosen, data.targets))
-            image_index.append((chosen, data.image_index))
+            piece = self._slice(position, view)
+            image_index[chosen] = piece.image_index[rows[chosen]]
+            for name, part in parts.items():
+                part[chosen] = piece.targets[name][rows[chosen]]
+            for i, row in zip(chosen.tolist(), rows[chosen].tolist()):
+                jpeg[i] = piece.jpeg_at(row)
 
-        order = _restore_order(len(items), parts, image_index)
-        targets = self.codec.decode({name: order["targets"][name] for name in order["targets"]})
+        targets = self.codec.decode(parts)
         batch = {
             "targets": torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32)),
-            "image_index": torch.from_numpy(order["image_index"]),
-            "mask": torch.from_numpy(sample_masks(self.mask_config, self.seed, epoch, order["image_index"])),
+            "image_index": torch.from_numpy(image_index),
+            "sample_id": torch.from_numpy(sample_ids),
+            "mask": torch.from_numpy(sample_masks(self.mask_config, self.seed, epoch, image_index)),
         }
-
-        jpeg_bytes = [data for _, data in sorted(jpeg, key=lambda pair: pair[0])]
-        encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpeg_bytes]
         if self.decode_jpeg:
-            batch["images"] = torch.stack(torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB))
+            decoded = torchvision.io.decode_jpeg(jpeg, mode=torchvision.io.ImageReadMode.RGB)
+            batch["images"] = torch.stack(decoded)
         else:
-            batch["jpeg"] = encoded
+            # one tensor per batch: a list would cost one shared-memory file per JPEG between processes
+            batch["jpeg"] = torch.cat(jpeg)
+            batch["jpeg_offsets"] = torch.tensor([0] + [len(data) for data in jpeg]).cumsum(0)
         return batch
 
-    def _slice(self, position: int, view: int):
+    def _visit_order(self, positions: np.ndarray, view: int) -> list[int]:
+        """Shard positions of a batch: those in memory first, then the others in batch order.
+
+        Using the held slices before reading new ones keeps a new read from evicting a slice
+        that this batch still needs.
+        """
+        unique, first = np.unique(positions, return_index=True)
+        by_appearance = unique[np.argsort(first)].tolist()
+        held = [position for position in by_appearance if (position, view) in self._slices]
+        new = [position for position in by_appearance if (position, view) not in self._slices]
+        return held + new
+
+    def _slice(self, position: int, view: int) -> ViewSlice:
         key = (position, view)
         if key in self._slices:
             self._slices.move_to_end(key)
             return self._slices[key]
-        data = self.reader.read_shard(int(self.layout.shard_ids[position]), view)
-        self._slices[key] = data
-        if len(self._slices) > self.shards_in_memory:
+
+        while len(self._slices) >= self.shards_in_memory:
             self._slices.popitem(last=False)
-        return data
-
-
-def _restore_order(batch_size: int, parts, image_index) -> dict:
-    """Put per-shard pieces back into the batch's sample order."""
-    names = parts[0][1].keys()
-    targets = {}
-    for name in names:
-        first = parts[0][1][name]
-        merged = np.empty((batch_size, *first.shape[1:]), dtype=first.dtype)
-        for chosen, piece in parts:
-            merged[chosen] = piece[name]
-        targets[name] = merged
-
-    indices = np.empty(batch_size, dtype=np.int64)
-    for chosen, piece in image_index:
-        indices[chosen] = piece
-    return {"targets": targets, "image_index": indices}
+        data = self.reader.read_shard(int(self.layout.shard_ids[position]), view)
+        piece = ViewSlice.from_shard(data)
+        self._slices[key] = piece
+        return piece

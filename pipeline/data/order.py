@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 ORDER_STREAM = 0x4F524452
+# Groups per window. A cache reader that keeps this many shard view slices per worker reads each
+# slice once per epoch (see CachedViews), so it also bounds the loader's memory.
+SHARD_WINDOW = 4
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class EpochPlan:
         return len(self.batches)
 
 
-def epoch_order(groups: list[np.ndarray], seed: int, epoch: int, window: int = 4) -> np.ndarray:
+def epoch_order(groups: list[np.ndarray], seed: int, epoch: int, window: int = SHARD_WINDOW) -> np.ndarray:
     """Return all sample ids of an epoch in visiting order (steps 1 and 2 above)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, ORDER_STREAM, epoch]))
     group_order = rng.permutation(len(groups))
@@ -76,7 +79,7 @@ def plan_epoch(
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
-    window: int = 4,
+    window: int = SHARD_WINDOW,
 ) -> EpochPlan:
     """Return the batches of `rank` for one epoch; `batch_size` is per rank."""
     order = epoch_order(groups, seed, epoch, window)

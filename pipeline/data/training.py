@@ -18,7 +18,7 @@ from pipeline.cache import CacheReader
 from pipeline.config import PretrainConfig
 from pipeline.data.cached import CachedViews
 from pipeline.data.online import OnlineViews, image_groups
-from pipeline.data.order import plan_epoch
+from pipeline.data.order import SHARD_WINDOW, plan_epoch
 from pipeline.distributed import read_torchrun_env
 from pipeline.engine import StepSettings, autocast_context, normalize_images, prepare_targets
 from pipeline.errors import CacheMismatchError, UsageError
@@ -73,7 +73,7 @@ class TrainingData:
     def loader(self, epoch: int, skip_batches: int = 0) -> torch.utils.data.DataLoader:
         view = self.view_for_epoch(epoch)
         plan = plan_epoch(
-            self.train_groups, self.config.seed, epoch, self.config.batch_size, self.rank, self.world_size
+            self.train_groups, self.config.seed, epoch, self.config.batch_size, self.rank, self.world_size, SHARD_WINDOW
         )
         batches = [[(epoch, view, int(i)) for i in ids] for ids in plan.batches[skip_batches:]]
         logger.info("epoch %d reads view %d of %d (%d batches)", epoch, view, self.num_views, len(plan.batches))
@@ -100,7 +100,10 @@ class TrainingData:
     def to_device(self, batch: dict, device: torch.device, settings: StepSettings):
         """Return (normalized images [B, 3, H, W], prepared targets [B, L, D], mask [B, Gh, Gw])."""
         if self.decode_on_device:
-            decoded = torchvision.io.decode_jpeg(batch["jpeg"], mode=torchvision.io.ImageReadMode.RGB, device=device)
+            # nvjpeg reads the encoded bytes from host memory, so `jpeg` stays on the CPU
+            sizes = batch["jpeg_offsets"].diff().tolist()
+            encoded = list(torch.split(batch["jpeg"], sizes))
+            decoded = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=device)
             images = torch.stack(decoded)
         else:
             images = batch["images"].to(device, non_blocking=True)
@@ -149,7 +152,9 @@ def _cached_data(config, student, mask_config, device) -> TrainingData:
     gpu_decode = config.gpu_decode and device.type == "cuda"
     if config.gpu_decode and not gpu_decode:
         logger.warning("--gpu-decode needs CUDA; decoding JPEG views in the loader workers instead")
-    dataset = CachedViews(config.cache, mask_config, config.seed, decode_jpeg=not gpu_decode)
+    dataset = CachedViews(
+        config.cache, mask_config, config.seed, decode_jpeg=not gpu_decode, shards_in_memory=SHARD_WINDOW
+    )
 
     train_ids, val_ids = split_validation(len(dataset), config.val_fraction, config.seed)
     groups = _filter_groups(dataset.layout.groups(), train_ids)

@@ -91,6 +91,7 @@ class PretrainConfig:
     compile: bool = False
     gpu_decode: bool = False
     resume: bool = False
+    log_samples: bool = False
     student_overrides: dict[str, Any] | None = None
     teacher_overrides: dict[str, Any] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -21,6 +21,8 @@ from pipeline.errors import UsageError
 logger = logging.getLogger(__name__)
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# How long a collective waits for the other ranks before it raises, e.g. when one rank has stalled.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 @dataclass(frozen=True)
@@ -69,15 +71,26 @@ def resolve_device(requested: str, info: DistInfo) -> torch.device:
     return torch.device(requested)
 
 
-def init_process_group(info: DistInfo, device: torch.device) -> None:
-    """Join the torchrun process group: nccl on CUDA, gloo on CPU."""
-    if not info.enabled or dist.is_initialized():
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+def bind_device(device: torch.device) -> None:
+    """Make `device` the current CUDA device, so pinned-memory threads and NCCL use it; no-op on CPU."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
-    logger.info("joined process group: rank %d of %d, backend %s", info.rank, info.world_size, backend)
+
+
+def init_process_group(info: DistInfo, device: torch.device) -> bool:
+    """Join the torchrun process group (nccl on CUDA, gloo on CPU); return whether this call joined it.
+
+    Returns False for a single process and when the caller already joined a group.
+    """
+    if not info.enabled or dist.is_initialized():
+        return False
+    bind_device(device)
+    if device.type == "cuda":
+        dist.init_process_group(backend="nccl", timeout=COLLECTIVE_TIMEOUT, device_id=device)
+    else:
+        dist.init_process_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+    logger.info("joined process group: rank %d of %d, backend %s", info.rank, info.world_size, dist.get_backend())
+    return True
 
 
 def barrier() -> None:
@@ -93,6 +106,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Return the sum of `value` over all processes (a copy; `value` itself in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def destroy_process_group() -> None:
+    """Leave the process group; safe to call when none was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

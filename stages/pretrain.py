@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import psutil
 import torch
 import yaml
@@ -22,7 +21,16 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline import checkpoint as ckpt
 from pipeline.config import PretrainConfig, config_to_dict
 from pipeline.data.order import batches_per_epoch
-from pipeline.distributed import DistInfo, barrier, init_process_group, read_torchrun_env, resolve_device
+from pipeline.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    bind_device,
+    destroy_process_group,
+    init_process_group,
+    read_torchrun_env,
+    resolve_device,
+)
 from pipeline.engine import (
     MaskDistillModel,
     NonFiniteLossError,
@@ -37,6 +45,7 @@ from pipeline.masking import MaskConfig
 from pipeline.optim import Schedule, build_optimizer, set_lr
 from pipeline.provenance import run_environment
 from pipeline.students import build_student
+from pipeline.data.sample_log import SampleLog
 from pipeline.data.training import TrainingData, build_training_data
 from stages.plot_runs import PLOT_NAME, plot_runs
 
@@ -53,11 +62,24 @@ class RunState:
 
 
 def run_pretrain(config: PretrainConfig) -> dict:
-    """Train according to `config`; return a summary (steps, last loss, validation loss, run folder)."""
+    """Train according to `config`; return a summary (steps, last loss, validation loss, run folder).
+
+    Under torchrun every process calls this. A process group joined here is left on return and
+    on error, so a failing rank exits instead of waiting for the others.
+    """
     _check_config(config)
     info = read_torchrun_env()
     device = resolve_device(config.device, info)
-    init_process_group(info, device)
+    bind_device(device)
+    joined = init_process_group(info, device)
+    try:
+        return _run(config, info, device)
+    finally:
+        if joined:
+            destroy_process_group()
+
+
+def _run(config: PretrainConfig, info: DistInfo, device: torch.device) -> dict:
     torch.manual_seed(config.seed + info.rank)
 
     run_dir = Path(config.out)
@@ -128,6 +150,8 @@ def _prepare_run_dir(run_dir: Path, config: PretrainConfig, info: DistInfo) -> P
     if config.resume and saved_config.exists():
         _check_same_run(yaml.safe_load(saved_config.read_text()), config, saved_config)
 
+    # every rank has read the folder before rank 0 rewrites config.yaml
+    barrier()
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=True))
@@ -182,11 +206,18 @@ def _restore(path: Path, model, optimizer, config: PretrainConfig, info: DistInf
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     saved_world = payload.get("world_size", 1)
-    if saved_world != info.world_size:
+    saved_batch = payload["config"]["batch_size"] * saved_world
+    if saved_batch != config.batch_size * info.world_size:
         logger.warning(
-            "checkpoint was written by %d processes, resuming with %d: the global batch changes from %d to %d",
-            saved_world, info.world_size, payload["config"]["batch_size"] * saved_world,
-            config.batch_size * info.world_size,
+            "checkpoint was written with a global batch of %d (%d processes), resuming with %d (%d processes): "
+            "the data order and step count no longer continue the run; choose --batch-size so that "
+            "batch size x processes = %d to keep them",
+            saved_batch, saved_world, config.batch_size * info.world_size, info.world_size, saved_batch,
+        )
+    elif saved_world != info.world_size:
+        logger.info(
+            "checkpoint was written by %d processes, resuming with %d at the same global batch of %d",
+            saved_world, info.world_size, saved_batch,
         )
     rng = payload.get("rng", {}).get(info.rank)
     if rng is not None and saved_world == info.world_size:
@@ -196,12 +227,14 @@ def _restore(path: Path, model, optimizer, config: PretrainConfig, info: DistInf
 
 
 def _wrap_model(model, config: PretrainConfig, device: torch.device, info: DistInfo):
+    """Wrap the model in DDP, then compile it, so that the compiler splits graphs at DDP's gradient buckets."""
     trained = model
-    if config.compile:
-        trained = torch.compile(trained)
     if info.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
-        trained = DistributedDataParallel(trained, device_ids=device_ids)
+        # the buffers are constants (position indices, attention masks): no broadcast every step
+        trained = DistributedDataParallel(trained, device_ids=device_ids, broadcast_buffers=False)
+    if config.compile:
+        trained = torch.compile(trained)
     return trained
 
 
@@ -234,12 +267,12 @@ def _train(config, info, device, trained, model, optimizer, schedule, data, sett
     progress = ProgressReporter(
         "pretrain", (state.total_steps - state.step) * global_batch, enabled=info.is_main, log_lines=False
     )
+    samples = SampleLog(run_dir, info.rank, enabled=config.log_samples, first_step=state.step)
     process = psutil.Process()
-    running = []
+    window_loss = window_samples = 0.0
     last_loss = float("nan")
     val_loss = None
     window_start = time.monotonic()
-    window_images = 0
     data_time = step_time = 0.0
 
     epoch = state.step // state.steps_per_epoch
@@ -267,19 +300,22 @@ def _train(config, info, device, trained, model, optimizer, schedule, data, sett
             fetch_start = time.monotonic()
             step_time += fetch_start - ready
 
-            # log every N steps
-            running.append(loss)
-            last_loss = loss
-            window_images += images.shape[0] * info.world_size
+            # log every N steps, with the loss and image count of all ranks
+            window_loss += loss * images.shape[0]
+            window_samples += images.shape[0]
+            samples.write(state.step, epoch, data.view_for_epoch(epoch), batch["image_index"].numpy())
             progress.advance(
                 images.shape[0] * info.world_size, extra=f"step {state.step}/{state.total_steps}, loss {loss:.4f}"
             )
             if state.step % config.log_every == 0 or state.step == state.total_steps:
+                last_loss, loss_mean, window_images = _global_losses(
+                    loss, images.shape[0], window_loss, window_samples, device
+                )
                 elapsed = time.monotonic() - window_start
                 record = {
                     "epoch": epoch,
-                    "loss": loss,
-                    "loss_mean": float(np.mean(running[-config.log_every:])),
+                    "loss": last_loss,
+                    "loss_mean": loss_mean,
                     "lr": lr,
                     "grad_norm": grad_norm,
                     "img_per_s": window_images / elapsed,
@@ -291,13 +327,13 @@ def _train(config, info, device, trained, model, optimizer, schedule, data, sett
                 }
                 _log_step(state, record)
                 metrics.write(state.step, record)
-                window_start, window_images, data_time, step_time = time.monotonic(), 0, 0.0, 0.0
+                window_start, window_loss, window_samples, data_time, step_time = time.monotonic(), 0.0, 0.0, 0.0, 0.0
 
             if state.step % config.checkpoint_every == 0 and state.step < state.total_steps:
                 _save(run_dir, model, optimizer, config, info, state, numbered=True)
 
         if state.step % state.steps_per_epoch == 0 or state.step >= state.total_steps:
-            val_loss = _validate(trained, data, device, settings, config)
+            val_loss = _validate(model, data, device, settings)
             if val_loss is not None:
                 logger.info("epoch %d: validation loss %.4f", epoch, val_loss)
                 metrics.write(state.step, {"epoch": epoch, "val_loss": val_loss})
@@ -305,6 +341,7 @@ def _train(config, info, device, trained, model, optimizer, schedule, data, sett
 
     progress.close()
     _save(run_dir, model, optimizer, config, info, state, numbered=False)
+    samples.close()
     metrics.close()
     if info.is_main:
         plot_runs([run_dir], run_dir / PLOT_NAME)
@@ -322,6 +359,20 @@ def _log_step(state: RunState, record: dict) -> None:
     )
 
 
+def _global_losses(
+    loss: float, batch_size: int, window_loss: float, window_samples: float, device: torch.device
+) -> tuple[float, float, int]:
+    """Return the loss of the last global batch, the mean loss over the log window, and its image count.
+
+    `loss` and `batch_size` are this rank's last step; `window_loss` sums loss x batch size over
+    the window. Every image has the same number of masked patches, so the sample-weighted mean
+    of the ranks' losses is the loss that one process computes on the whole global batch.
+    """
+    sums = torch.tensor([loss * batch_size, batch_size, window_loss, window_samples], dtype=torch.float64, device=device)
+    last_sum, last_count, window_sum, window_count = all_reduce_sum(sums).tolist()
+    return last_sum / last_count, window_sum / window_count, int(window_count)
+
+
 def _peak_memory_mb(device: torch.device, process: psutil.Process) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -329,20 +380,25 @@ def _peak_memory_mb(device: torch.device, process: psutil.Process) -> float:
 
 
 @torch.no_grad()
-def _validate(trained, data, device, settings, config) -> float | None:
+def _validate(model, data, device, settings) -> float | None:
+    """Mean validation loss over all ranks.
+
+    `model` is the unwrapped module: a DDP forward could start a collective, and ranks may hold
+    different numbers of validation batches.
+    """
     if len(data.val_ids) == 0:
         return None
-    trained.eval()
+    model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for batch in data.val_loader():
         images, targets, mask = data.to_device(batch, device, settings)
-        loss = compute_loss(trained, images, targets, mask, settings)
+        loss = compute_loss(model, images, targets, mask, settings)
         total += loss * images.shape[0]
         count += images.shape[0]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
         torch.distributed.all_reduce(count)
-    trained.train()
+    model.train()
     return (total / count.clamp(min=1)).item()
 
 

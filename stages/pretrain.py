@@ -7,8 +7,8 @@ logs to the console and writes checkpoints and metrics.
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import checkpoint as ckpt
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temps
 from pipeline.config import PretrainConfig, config_to_dict
 from pipeline.data.order import batches_per_epoch
 from pipeline.distributed import (
@@ -40,10 +41,11 @@ from pipeline.engine import (
 )
 from pipeline.errors import UsageError
 from pipeline.heads import build_head
-from pipeline.logs import MetricsLog, ProgressReporter, format_seconds, write_json
+from pipeline.logs import MetricsLog, ProgressReporter, format_seconds
 from pipeline.masking import MaskConfig
 from pipeline.optim import Schedule, build_optimizer, set_lr
 from pipeline.provenance import run_environment
+from pipeline.sources import count_reasons, printable_source
 from pipeline.students import build_student
 from pipeline.data.sample_log import SampleLog
 from pipeline.data.training import TrainingData, build_training_data
@@ -52,6 +54,7 @@ from stages.plot_runs import PLOT_NAME, plot_runs
 logger = logging.getLogger(__name__)
 
 VAL_STREAM = 0x56414C
+SKIPPED_NAME = "skipped.json"
 
 
 @dataclass
@@ -59,6 +62,7 @@ class RunState:
     step: int = 0
     total_steps: int = 0
     steps_per_epoch: int = 0
+    saved_step: int | None = None  # step of the newest checkpoint in the run folder
 
 
 def run_pretrain(config: PretrainConfig) -> dict:
@@ -82,8 +86,9 @@ def run_pretrain(config: PretrainConfig) -> dict:
 def _run(config: PretrainConfig, info: DistInfo, device: torch.device) -> dict:
     torch.manual_seed(config.seed + info.rank)
 
+    # every argument is checked before anything is written to the run folder
     run_dir = Path(config.out)
-    resume_from = _prepare_run_dir(run_dir, config, info)
+    resume_from = _check_run_dir(run_dir, config)
 
     student = build_student(
         config.student, config.img_size, drop_path_rate=config.drop_path, overrides=config.student_overrides
@@ -99,8 +104,11 @@ def _run(config: PretrainConfig, info: DistInfo, device: torch.device) -> dict:
 
     state = _plan_steps(config, data, info)
     schedule = _build_schedule(config, state, info)
+    _write_run_files(run_dir, config, info)
     if resume_from is not None:
-        state.step = _restore(resume_from, model, optimizer, config, info)
+        state.step = state.saved_step = _restore(resume_from, model, optimizer, config, info)
+    if info.is_main:
+        _truncate_metrics(run_dir, state.step)
 
     _log_start(config, info, model, data, schedule, state, run_dir)
     trained = _wrap_model(model, config, device, info)
@@ -136,34 +144,70 @@ def _check_config(config: PretrainConfig) -> None:
         raise UsageError(f"--val-fraction must lie in [0, 1), got {config.val_fraction}")
 
 
-def _prepare_run_dir(run_dir: Path, config: PretrainConfig, info: DistInfo) -> Path | None:
-    """Create the run folder, or check that `--resume` continues the run it holds."""
+def _check_run_dir(run_dir: Path, config: PretrainConfig) -> Path | None:
+    """Check that `--out` is new, or that `--resume` continues the run it contains; return the checkpoint to resume."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file: pass a folder for the run")
     last = run_dir / ckpt.LAST_NAME
     if last.exists() and not config.resume:
         raise UsageError(
-            f"output folder {run_dir} already holds a run ({last.name}); "
+            f"output folder {run_dir} already contains a run ({last.name}); "
             "pass --resume to continue it or choose another --out"
         )
     saved_config = run_dir / "config.yaml"
     if not last.exists() and saved_config.exists() and not config.resume and any(run_dir.glob("checkpoint-*.pt")):
-        raise UsageError(f"output folder {run_dir} holds checkpoints of another run; choose another --out")
+        raise UsageError(f"output folder {run_dir} contains checkpoints of another run; choose another --out")
     if config.resume and saved_config.exists():
-        _check_same_run(yaml.safe_load(saved_config.read_text()), config, saved_config)
-
-    # every rank has read the folder before rank 0 rewrites config.yaml
-    barrier()
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=True))
-        write_json(run_dir / "environment.json", run_environment())
-        if config.cache is not None:
-            shutil.copyfile(Path(config.cache) / "manifest.json", run_dir / "cache-manifest.json")
-    barrier()
+        _check_same_run(_read_saved_config(saved_config), config, saved_config)
 
     if config.resume and not last.exists():
         logger.info("--resume given but %s does not exist yet; starting from step 0", last)
         return None
     return last if config.resume else None
+
+
+def _read_saved_config(path: Path) -> dict:
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UsageError(f"{path} of the run to resume is not valid YAML ({error}); choose another --out") from error
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path} of the run to resume is not a mapping of settings; choose another --out")
+    return saved
+
+
+def _write_run_files(run_dir: Path, config: PretrainConfig, info: DistInfo) -> None:
+    """Create the run folder and write the resolved config, the environment and the cache manifest used."""
+    # every rank has read the folder before rank 0 rewrites config.yaml
+    barrier()
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(run_dir)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=True))
+        atomic_write_json(run_dir / "environment.json", run_environment())
+        if config.cache is not None:
+            atomic_write_bytes(run_dir / "cache-manifest.json", (Path(config.cache) / "manifest.json").read_bytes())
+    barrier()
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the metrics records after `step`, where this run continues, and a line cut off by a killed run."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        logger.info("removed %d records after step %d from %s", len(lines) - len(kept), step, path)
 
 
 RUN_DEFINING = ("student", "cache", "teacher", "data", "head", "img_size", "mask_ratio", "loss", "target_norm", "seed")
@@ -262,12 +306,13 @@ def _log_start(config, info, model, data, schedule, state, run_dir) -> None:
 
 def _train(config, info, device, trained, model, optimizer, schedule, data, settings, state, run_dir) -> dict:
     metrics = MetricsLog(run_dir, enabled=info.is_main)
-    global_batch = config.batch_size * info.world_size
     # a bar on a terminal; elsewhere the step lines below are the progress
     progress = ProgressReporter(
-        "pretrain", (state.total_steps - state.step) * global_batch, enabled=info.is_main, log_lines=False
+        "pretrain", state.total_steps - state.step, unit="step", sample_unit="img", enabled=info.is_main,
+        log_lines=False,
     )
     samples = SampleLog(run_dir, info.rank, enabled=config.log_samples, first_step=state.step)
+    skipped = SkippedInputs(getattr(getattr(data.dataset, "source", None), "skipped", []))
     process = psutil.Process()
     window_loss = window_samples = 0.0
     last_loss = float("nan")
@@ -280,9 +325,10 @@ def _train(config, info, device, trained, model, optimizer, schedule, data, sett
         skip = state.step - epoch * state.steps_per_epoch
         loader = data.loader(epoch, skip)
         fetch_start = time.monotonic()
-        for batch in loader:
+        for batch in _batches(loader):
             if state.step >= state.total_steps:
                 break
+            skipped.add(batch)
             ready = time.monotonic()
             data_time += ready - fetch_start
 
@@ -293,9 +339,8 @@ def _train(config, info, device, trained, model, optimizer, schedule, data, sett
             trained.train()
             try:
                 loss, grad_norm = train_step(trained, optimizer, images, targets, mask, settings, state.step)
-            except NonFiniteLossError:
-                logger.error("stopping: non-finite loss; the last good checkpoint in %s is kept", run_dir)
-                raise
+            except NonFiniteLossError as error:
+                raise _diverged(error, run_dir, state, lr) from error
             state.step += 1
             fetch_start = time.monotonic()
             step_time += fetch_start - ready
@@ -304,9 +349,7 @@ def _train(config, info, device, trained, model, optimizer, schedule, data, sett
             window_loss += loss * images.shape[0]
             window_samples += images.shape[0]
             samples.write(state.step, epoch, data.view_for_epoch(epoch), batch["image_index"].numpy())
-            progress.advance(
-                images.shape[0] * info.world_size, extra=f"step {state.step}/{state.total_steps}, loss {loss:.4f}"
-            )
+            progress.advance(1, extra=f"loss {loss:.4f}", samples=images.shape[0] * info.world_size)
             if state.step % config.log_every == 0 or state.step == state.total_steps:
                 last_loss, loss_mean, window_images = _global_losses(
                     loss, images.shape[0], window_loss, window_samples, device
@@ -333,7 +376,7 @@ def _train(config, info, device, trained, model, optimizer, schedule, data, sett
                 _save(run_dir, model, optimizer, config, info, state, numbered=True)
 
         if state.step % state.steps_per_epoch == 0 or state.step >= state.total_steps:
-            val_loss = _validate(model, data, device, settings)
+            val_loss = _validate(model, data, device, settings, skipped)
             if val_loss is not None:
                 logger.info("epoch %d: validation loss %.4f", epoch, val_loss)
                 metrics.write(state.step, {"epoch": epoch, "val_loss": val_loss})
@@ -341,11 +384,78 @@ def _train(config, info, device, trained, model, optimizer, schedule, data, sett
 
     progress.close()
     _save(run_dir, model, optimizer, config, info, state, numbered=False)
+    if info.is_main:
+        skipped.write(run_dir)
     samples.close()
     metrics.close()
     if info.is_main:
         plot_runs([run_dir], run_dir / PLOT_NAME)
-    return {"steps": state.step, "loss": last_loss, "val_loss": val_loss, "run_dir": str(run_dir)}
+    return {
+        "steps": state.step,
+        "loss": last_loss,
+        "val_loss": val_loss,
+        "run_dir": str(run_dir),
+        "skipped": skipped.count,
+    }
+
+
+class SkippedInputs:
+    """Inputs of the online teacher that were skipped: each logged once, all listed at the end.
+
+    NOTE: under torchrun each process sees the images of its own batches, and only rank 0
+    writes its list.
+    """
+
+    def __init__(self, at_index: list[tuple[str, str]]) -> None:
+        self.at_index = [(printable_source(source), reason) for source, reason in at_index]
+        self.at_decode: dict[str, str] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self.at_index) + len(self.at_decode)
+
+    def add(self, batch: dict) -> None:
+        """Record the (source, reason) pairs in `batch["skipped"]`, logging each source the first time."""
+        for source, reason in batch.get("skipped", ()):
+            if source not in self.at_decode:
+                self.at_decode[source] = reason
+                logger.warning("skipping %s: %s", source, reason)
+
+    def write(self, run_dir: Path) -> None:
+        """Log a summary and write RUN/skipped.json, when anything was skipped."""
+        entries = self.at_index + list(self.at_decode.items())
+        if not entries:
+            return
+        atomic_write_json(run_dir / SKIPPED_NAME, [{"source": source, "reason": reason} for source, reason in entries])
+        logger.warning("skipped %d inputs (%s); %s lists them", len(entries), count_reasons(entries), run_dir / SKIPPED_NAME)
+
+
+def _batches(loader):
+    """Iterate `loader`, re-raising a user error from a worker process with only its own message.
+
+    The DataLoader re-raises a worker's exception with the worker's traceback as its message.
+    """
+    try:
+        yield from loader
+    except UsageError as error:
+        message = str(error)
+        if "Original Traceback" not in message:
+            raise
+        last_line = message.strip().splitlines()[-1]
+        prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+        raise type(error)(last_line.removeprefix(prefix)) from error
+
+
+def _diverged(error: NonFiniteLossError, run_dir: Path, state: RunState, lr: float) -> NonFiniteLossError:
+    """Add the kept checkpoint and what to try next to the message of a non-finite step."""
+    if state.saved_step is None:
+        kept = "no checkpoint was written yet"
+    else:
+        kept = f"{run_dir / ckpt.LAST_NAME} keeps the last good weights (step {state.saved_step})"
+    return NonFiniteLossError(
+        f"{error}; {kept}. Lower the learning rate (now {lr:.3g}; --lr or --blr) or --clip-grad, or check the targets",
+        error.step,
+    )
 
 
 def _log_step(state: RunState, record: dict) -> None:
@@ -380,8 +490,8 @@ def _peak_memory_mb(device: torch.device, process: psutil.Process) -> float:
 
 
 @torch.no_grad()
-def _validate(model, data, device, settings) -> float | None:
-    """Mean validation loss over all ranks.
+def _validate(model, data, device, settings, skipped: SkippedInputs | None = None) -> float | None:
+    """Mean validation loss over all ranks; inputs skipped by the loader go to `skipped`.
 
     `model` is the unwrapped module: a DDP forward could start a collective, and ranks may hold
     different numbers of validation batches.
@@ -390,7 +500,9 @@ def _validate(model, data, device, settings) -> float | None:
         return None
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for batch in data.val_loader():
+    for batch in _batches(data.val_loader()):
+        if skipped is not None:
+            skipped.add(batch)
         images, targets, mask = data.to_device(batch, device, settings)
         loss = compute_loss(model, images, targets, mask, settings)
         total += loss * images.shape[0]
@@ -403,9 +515,12 @@ def _validate(model, data, device, settings) -> float | None:
 
 
 def _save(run_dir: Path, model, optimizer, config, info: DistInfo, state: RunState, numbered: bool) -> None:
+    """Write RUN/checkpoint-last.pt, and with `numbered` a copy named by the step, from rank 0.
+
+    Every rank checks that the weights are finite, so all of them stop together when they are not.
+    """
     rng_states = _gather_rng(info)
-    if not info.is_main:
-        return
+    path = run_dir / ckpt.LAST_NAME
     payload = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -415,9 +530,11 @@ def _save(run_dir: Path, model, optimizer, config, info: DistInfo, state: RunSta
         "rng": rng_states,
         "config": config_to_dict(config),
     }
-    ckpt.save_checkpoint(run_dir / ckpt.LAST_NAME, payload)
-    if numbered:
-        shutil.copyfile(run_dir / ckpt.LAST_NAME, run_dir / f"checkpoint-{state.step:08d}.pt")
+    ckpt.check_finite(payload, path)
+    if info.is_main:
+        copies = (run_dir / f"checkpoint-{state.step:08d}.pt",) if numbered else ()
+        ckpt.save_checkpoint(path, payload, copies)
+    state.saved_step = state.step
 
 
 def _gather_rng(info: DistInfo) -> dict:

@@ -102,11 +102,13 @@ class MetricsLog:
 class ProgressReporter:
     """Progress of a long stage: a rich bar on a terminal, a log line every `interval` s otherwise.
 
-    `advance(count, extra)` adds `count` done units (`unit`, e.g. "img"); the count, `rate` and
-    `eta_seconds()` are kept even when display is disabled (`enabled=False`). `extra` is text shown
-    after the rate, such as shards done and bytes written. It stays until a later call passes new
-    text. `close()` stops the bar, or logs a final line. With `log_lines=False` nothing is logged
-    off a terminal, for loops that log their own periodic lines.
+    `advance(count, extra, samples)` adds `count` done units of `total` (`unit`, e.g. "img" or
+    "step"). The displayed rate is in units per second, or in `samples` per second when
+    `sample_unit` is set (steps counted, img/s shown). The counts, rates and `eta_seconds()` are
+    kept even when display is disabled (`enabled=False`). `extra` is text shown after the rate,
+    such as shards done and bytes written, and it stays until a later call passes new text.
+    `close()` stops the bar, or logs a final line. With `log_lines=False` nothing is logged off a
+    terminal, for loops that log their own periodic lines.
     """
 
     def __init__(
@@ -117,14 +119,17 @@ class ProgressReporter:
         enabled: bool = True,
         interval: float = LOG_INTERVAL_SECONDS,
         log_lines: bool = True,
+        sample_unit: str | None = None,
     ) -> None:
         self.description = description
         self.total = total
         self.unit = unit
+        self.sample_unit = sample_unit
         self.enabled = enabled
         self.interval = interval
         self.log_lines = log_lines
         self.done = 0
+        self.samples = 0
         self.extra = ""
         self.started = time.monotonic()
         self._last_line = self.started
@@ -158,21 +163,31 @@ class ProgressReporter:
         """Units per second since the reporter started."""
         return self.done / max(time.monotonic() - self.started, 1e-9)
 
+    @property
+    def sample_rate(self) -> float:
+        """Samples per second since the reporter started."""
+        return self.samples / max(time.monotonic() - self.started, 1e-9)
+
+    def _rate_text(self) -> str:
+        if self.sample_unit is not None:
+            return f"{self.sample_rate:.1f} {self.sample_unit}/s"
+        return f"{self.rate:.1f} {self.unit}/s"
+
     def eta_seconds(self) -> float:
         """Estimated seconds left at the mean rate so far; inf before the first unit is done."""
         rate = self.rate
         return (self.total - self.done) / rate if rate > 0 else float("inf")
 
-    def advance(self, count: int, extra: str | None = None) -> None:
+    def advance(self, count: int, extra: str | None = None, samples: int = 0) -> None:
         self.done += count
+        self.samples += samples
         if extra is not None:
             self.extra = extra
         if not self.enabled or self._closed:
             return
 
         if self._bar is not None:
-            rate = f"{self.rate:.1f} {self.unit}/s"
-            self._bar.update(self._task, completed=self.done, rate=rate, extra=self.extra)
+            self._bar.update(self._task, completed=self.done, rate=self._rate_text(), extra=self.extra)
             return
         now = time.monotonic()
         if self.log_lines and now - self._last_line >= self.interval:
@@ -186,8 +201,8 @@ class ProgressReporter:
         eta = "" if final else f", ETA {format_seconds(self.eta_seconds())}"
         extra = f"; {self.extra}" if self.extra else ""
         logger.info(
-            "%s: %d/%d %s (%.0f%%), %.1f %s/s, elapsed %s%s%s",
-            self.description, self.done, self.total, self.unit, percent, self.rate, self.unit, elapsed, eta, extra,
+            "%s: %d/%d %s (%.0f%%), %s, elapsed %s%s%s",
+            self.description, self.done, self.total, self.unit, percent, self._rate_text(), elapsed, eta, extra,
         )
 
     def close(self) -> None:

@@ -200,17 +200,45 @@ def verify(cache: Path = typer.Argument(..., help="Cache folder written by cache
         raise typer.Exit(1)
 
 
+def _known_failure(error: Exception) -> tuple[str, int] | None:
+    """Return the one-line message and exit code of an expected failure, or None for a bug."""
+    from pipeline.atomic import is_disk_full
+
+    if isinstance(error, UsageError):
+        return str(error), 2
+    if is_disk_full(error):
+        written = error.filename or "the output"
+        return (
+            f"no space left on device while writing {written}: free space or choose another output folder, "
+            "then rerun the same command (pretrain continues with --resume, cache-targets keeps finished shards)",
+            2,
+        )
+    if isinstance(error, RuntimeError):
+        from pipeline.engine import TrainingDivergedError
+
+        if isinstance(error, TrainingDivergedError):
+            return str(error), 1
+    return None
+
+
 def main() -> None:
-    """Console entry point: run the app, turning user errors into one line and exit code 2."""
+    """Console entry point: run the app, turning expected failures into one line on stderr.
+
+    Exit codes: 2 for a problem the user can fix (an invalid option, a missing or damaged
+    input, a full disk), 1 when training diverged (NaN or infinite loss or weights) or
+    `verify` found damage. `--debug` shows the traceback instead of the line.
+    """
     debug = "--debug" in sys.argv
     setup_logging(rank=_rank(), debug=debug)
     try:
         app()
-    except UsageError as error:
-        if debug:
+    except Exception as error:
+        failure = _known_failure(error)
+        if failure is None or debug:
             raise
-        typer.echo(f"error: {error}", err=True)
-        sys.exit(2)
+        message, code = failure
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

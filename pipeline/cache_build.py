@@ -1,8 +1,13 @@
-"""The work of stage one: codec calibration, the teacher pass over each shard, fidelity, manifest."""
+"""The work of stage one: codec calibration, the teacher pass over each shard, fidelity, manifest.
+
+Every file a shard leaves behind is written before its ``.done.json`` record, the record that
+marks the shard finished: first ``shards/<name>.skipped.json`` (the inputs of the shard that
+could not be used), then the shard files. A run killed at any point therefore resumes with
+complete bookkeeping for every finished shard.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -12,13 +17,16 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_write_json
-from pipeline.cache import CacheReader, CacheWriter, ShardData
+from pipeline.cache import CacheWriter, ShardData, ShardRecord, shard_name
+from pipeline.cache.manifest import done_record_path, read_json
+from pipeline.cache.wds_store import read_wds_view, tar_name
+from pipeline.cache.zarr_store import read_zarr_shard
 from pipeline.codecs import NonFiniteTargetError, TargetRangeError, encoded_nbytes, fidelity_report
 from pipeline.config import CacheConfig
 from pipeline.data.teacher_views import ImageViews, TeacherViews, collate_views
 from pipeline.distributed import DistInfo, barrier
 from pipeline.engine import autocast_context
-from pipeline.errors import UsageError
+from pipeline.errors import CorruptCacheError, UsageError
 from pipeline.logs import ProgressReporter
 from pipeline.provenance import package_versions
 from pipeline.sources import ImageSource
@@ -73,6 +81,10 @@ class ShardJob:
                 outputs.append(self.teacher(chunk).float().cpu())
         return torch.cat(outputs).numpy()
 
+    def allowed_bad_inputs(self) -> float:
+        """Return how many inputs may be skipped before the run stops (``--max-bad-fraction``)."""
+        return self.config.max_bad_fraction * len(self.source)
+
 
 def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
     """[start, stop) source indices of every shard."""
@@ -88,7 +100,11 @@ def calibration_indices(num_images: int, count: int) -> list[int]:
 
 
 def fit_codec(job: ShardJob, writer: CacheWriter, info: DistInfo) -> None:
-    """Fit the codec on view 0 of a calibration slice (rank 0), or load the stored fit."""
+    """Fit the codec on view 0 of a calibration slice, or load the stored fit.
+
+    Rank 0 alone fits and writes the state. Every rank then meets at a barrier and loads the
+    stored state, so all shards are encoded with the same fit.
+    """
     if not job.codec.needs_fit:
         return
     state = writer.read_codec_state()
@@ -111,13 +127,41 @@ def _good_items(loader) -> list[ImageViews]:
     return [item for batch in loader for item in batch if item.skipped is None]
 
 
+def skipped_path(root: Path, shard_id: int) -> Path:
+    """Return the file listing the skipped inputs of one shard, ``shards/<name>.skipped.json``."""
+    return Path(root) / "shards" / f"{shard_name(shard_id)}.skipped.json"
+
+
+def read_skipped(root: Path, shard_ids: list[int]) -> list[dict]:
+    """Return the skipped inputs, {"source", "reason"}, of finished shards in shard order.
+
+    Raises CorruptCacheError when a finished shard has no skipped-inputs file.
+    """
+    skipped = []
+    for shard_id in sorted(shard_ids):
+        path = skipped_path(root, shard_id)
+        if not path.is_file():
+            done = done_record_path(root, shard_name(shard_id)).relative_to(root)
+            raise CorruptCacheError(
+                f"shard {shard_name(shard_id)} of {root} is recorded as finished but {path.name} is missing: "
+                f"delete {done} and rerun cache-targets with the same settings to write the shard again"
+            )
+        skipped.extend(read_json(path))
+    return skipped
+
+
 @dataclass
 class ShardWriterLoop:
-    """Writes shards one after another, counting skipped inputs against the allowed fraction."""
+    """Writes shards one after another, counting skipped inputs against the allowed fraction.
+
+    ``skipped_before`` is the number of inputs skipped before this loop started: while indexing
+    the source and in shards that an earlier run finished.
+    """
 
     job: ShardJob
     writer: CacheWriter
     enabled_progress: bool = True
+    skipped_before: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def run(self, shard_ids: list[int], ranges: list[tuple[int, int]]) -> None:
@@ -132,7 +176,7 @@ class ShardWriterLoop:
         finally:
             progress.close()
 
-    def write_one(self, shard_id: int, image_range: tuple[int, int], progress: ProgressReporter):
+    def write_one(self, shard_id: int, image_range: tuple[int, int], progress: ProgressReporter) -> ShardRecord:
         start, stop = image_range
         config = self.job.config
         items: list[ImageViews] = []
@@ -153,12 +197,12 @@ class ShardWriterLoop:
                 items.extend(good)
             progress.advance(len(batch))
 
-        # encode view-major and write the shard atomically
+        # Write the skipped list first, because the shard counts as finished once write_shard records it.
         data = self._shard_data(shard_id, items, targets)
-        record = self.writer.write_shard(shard_id, data, image_range, num_images=len(items))
-        skipped_path = Path(config.out) / "shards" / f"shard_{shard_id:06d}.skipped.json"
-        atomic_write_json(skipped_path, [{"source": s, "reason": r} for s, r in shard_skipped])
-        return record
+        atomic_write_json(
+            skipped_path(Path(config.out), shard_id), [{"source": s, "reason": r} for s, r in shard_skipped]
+        )
+        return self.writer.write_shard(shard_id, data, image_range, num_images=len(items))
 
     def _skip(self, item: ImageViews, shard_skipped: list) -> None:
         config = self.job.config
@@ -168,12 +212,12 @@ class ShardWriterLoop:
         shard_skipped.append((item.source, item.skipped))
         self.skipped.append((item.source, item.skipped))
 
-        allowed = config.max_bad_fraction * len(self.job.source)
-        if len(self.skipped) + len(self.job.source.skipped) > allowed:
+        count = self.skipped_before + len(self.skipped)
+        if count > self.job.allowed_bad_inputs():
             raise UsageError(
-                f"{len(self.skipped) + len(self.job.source.skipped)} of {len(self.job.source)} inputs could not "
-                f"be used, more than --max-bad-fraction {config.max_bad_fraction}; the last was {item.source} "
-                f"({item.skipped}). Fix or remove the bad files, or raise --max-bad-fraction"
+                f"{count} of {len(self.job.source)} inputs could not be used, more than --max-bad-fraction "
+                f"{config.max_bad_fraction}; the last was {item.source} ({item.skipped}). Fix or remove the "
+                "bad files, or raise --max-bad-fraction"
             )
 
     def _shard_data(self, shard_id: int, items: list[ImageViews], targets: list[np.ndarray]) -> ShardData:
@@ -205,21 +249,31 @@ class ShardWriterLoop:
         )
 
 
-def finalize_cache(job: ShardJob, writer: CacheWriter, ranges, elapsed: float) -> dict:
-    """Measure fidelity on held-out views, gather skipped inputs and write the final manifest."""
-    root = Path(job.config.out)
-    skipped = [{"source": s, "reason": r} for s, r in job.source.skipped]
-    for path in sorted((root / "shards").glob("shard_*.skipped.json")):
-        skipped.extend(json.loads(path.read_text()))
+def finalize_cache(job: ShardJob, writer: CacheWriter, ranges: list[tuple[int, int]], elapsed: float) -> dict:
+    """Measure fidelity on held-out views, gather skipped inputs and write the final manifest.
 
-    manifest = writer.finalize({}, expected_shards=len(ranges))
-    fidelity = measure_fidelity(job, root)
+    Call it from one process after every shard is finished. The manifest is written once, at
+    the end, so a cache marked complete always contains its fidelity and skipped inputs.
+    Raises UsageError when shards are missing, or when the inputs skipped by all processes
+    together exceed ``--max-bad-fraction``.
+    """
+    root = Path(job.config.out)
+    records = finished_records(root, len(ranges))
+    skipped = [{"source": s, "reason": r} for s, r in job.source.skipped]
+    skipped.extend(read_skipped(root, [record.shard_id for record in records]))
+    _check_bad_fraction(job, skipped)
+
+    fidelity = measure_fidelity(job, writer, records)
+    num_samples = max(1, sum(record.num_samples for record in records))
     extra = {
         "num_inputs": len(job.source) + len(job.source.skipped),
         "num_skipped": len(skipped),
         "skipped": skipped,
         "fidelity": fidelity,
-        "bytes_per_view": {**manifest_bytes_per_view(manifest), "targets": fidelity.get("bytes_per_view")},
+        "bytes_per_view": {
+            "total": sum(record.nbytes for record in records) / num_samples,
+            "targets": fidelity.get("bytes_per_view"),
+        },
         "source_path": str(Path(job.config.data).resolve()),
         "packages": package_versions(),
         "last_run_seconds": round(elapsed, 1),
@@ -235,25 +289,70 @@ def finalize_cache(job: ShardJob, writer: CacheWriter, ranges, elapsed: float) -
     return manifest
 
 
-def manifest_bytes_per_view(manifest: dict) -> dict:
-    samples = max(1, manifest["num_samples"])
-    total = sum(shard["nbytes"] for shard in manifest["shards"])
-    return {"total": total / samples}
+def finished_records(root: Path, num_shards: int) -> list[ShardRecord]:
+    """Return the records of the finished shards among ``range(num_shards)``, in shard order."""
+    records = []
+    for shard_id in range(num_shards):
+        path = done_record_path(root, shard_name(shard_id))
+        if path.is_file():
+            records.append(ShardRecord.from_json(read_json(path)))
+    return records
 
 
-def measure_fidelity(job: ShardJob, root: Path) -> dict:
-    """Compare stored targets with a fresh teacher pass on held-out views (not calibration images)."""
+def _check_bad_fraction(job: ShardJob, skipped: list[dict]) -> None:
+    """Raise UsageError when the skipped inputs of all processes exceed ``--max-bad-fraction``.
+
+    Each process stops at the limit on its own count, so with several processes the total is
+    checked here once more.
+    """
+    if len(skipped) <= job.allowed_bad_inputs():
+        return
+    raise UsageError(
+        f"{len(skipped)} of {len(job.source)} inputs could not be used, more than --max-bad-fraction "
+        f"{job.config.max_bad_fraction} (the manifest lists them once the cache is finalized; the first was "
+        f"{skipped[0]['source']}: {skipped[0]['reason']}). Fix or remove the bad files and write a new cache, "
+        "or rerun the same command with a higher --max-bad-fraction to finish this one"
+    )
+
+
+def read_written_view(writer: CacheWriter, record: ShardRecord, view: int) -> ShardData:
+    """Read one view slice of a shard this run wrote, before the manifest is final."""
+    if writer.fmt == "zarr":
+        folder = writer.shards_dir / record.name
+        data, _ = read_zarr_shard(folder, record.name, view, record.num_images, writer.layout)
+        return data
+    tar = writer.shards_dir / tar_name(record.name, view)
+    data, _ = read_wds_view(tar.read_bytes(), record.name, view, record.num_images, writer.layout)
+    return data
+
+
+def spread_order(count: int, picks: int) -> list[int]:
+    """Order ``range(count)`` so that the first ``picks`` entries are spread evenly across it."""
+    first = calibration_indices(count, picks)
+    chosen = set(first)
+    return first + [i for i in range(count) if i not in chosen]
+
+
+def measure_fidelity(job: ShardJob, writer: CacheWriter, records: list[ShardRecord]) -> dict:
+    """Compare stored targets with a fresh teacher pass on view 0 of held-out images.
+
+    The held-out images are those outside the calibration slice (``calibration_indices``),
+    taken from shards spread across the cache. The slice is excluded for every codec, so
+    caches of one source with different codecs are measured on the same views. When the slice
+    covers every image, a fitted codec has no held-out view and no fidelity, and a fixed codec
+    is measured on all images.
+    """
     count = job.config.fidelity_views
     if count <= 0:
         return {}
-    reader = CacheReader(root)
-    excluded = set(calibration_indices(len(job.source), job.config.calibration_images)) if job.codec.needs_fit else set()
-    records = sorted(reader.shards, key=lambda record: record.shard_id)
-    stride = max(1, len(records) // max(1, math.ceil(count / max(1, job.config.shard_size))))
+    excluded = set(calibration_indices(len(job.source), job.config.calibration_images))
+    if len(excluded) >= len(job.source) and not job.codec.needs_fit:
+        excluded = set()
 
+    per_shard = max(1, job.config.shard_size)
     stored, indices = [], []
-    for record in records[::stride]:
-        data = reader.read_shard(record.shard_id, 0)
+    for position in spread_order(len(records), math.ceil(count / per_shard)):
+        data = read_written_view(writer, records[position], 0)
         keep = [i for i in range(len(data)) if int(data.image_index[i]) not in excluded][: count - len(indices)]
         if keep:
             subset = data.select(np.array(keep))
@@ -262,6 +361,11 @@ def measure_fidelity(job: ShardJob, root: Path) -> dict:
         if len(indices) >= count:
             break
     if not indices:
+        logger.warning(
+            "fidelity not measured: every image of %s is in the %d-image calibration slice of codec %s; "
+            "lower --calibration-images to hold some out",
+            job.config.data, job.config.calibration_images, job.codec.name,
+        )
         return {}
 
     position = {record.index: i for i, record in enumerate(job.source.records)}
@@ -269,8 +373,12 @@ def measure_fidelity(job: ShardJob, root: Path) -> dict:
     exact = job.run_teacher(torch.cat([item.teacher_images for item in items]))
     parts = {name: np.concatenate([piece.targets[name] for piece in stored]) for name in stored[0].targets}
     decoded = job.codec.decode(parts)
-    target_bytes = encoded_nbytes(parts, job.codec.compressor)
+    target_bytes = encoded_nbytes(parts, job.codec.compressor, job.codec.compression_level)
     report = fidelity_report(exact, decoded, bytes_per_view=target_bytes)
     report["num_views"] = len(indices)
-    report["held_out"] = "view 0 of images outside the codec calibration slice"
+    report["held_out"] = (
+        f"view 0 of {len(indices)} images outside the {len(excluded)}-image calibration slice"
+        if excluded
+        else f"view 0 of {len(indices)} images"
+    )
     return report

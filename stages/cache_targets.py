@@ -1,11 +1,15 @@
 """Stage one: run the frozen teacher once over recorded views and store the targets.
 
 Every (image, view) gets augmentation parameters drawn from (seed, image index, view index).
-The student view is stored as JPEG with its parameters; the teacher view, cut from the same
+The student view is stored as JPEG with its parameters. The teacher view, cut from the same
 source crop, goes through the teacher, and its per-patch targets are encoded with the codec.
-Images are grouped into shards of `shard_size` consecutive source images; each shard is
-written by one process to a temporary name and renamed when complete, so a killed run resumes
-by redoing only unfinished shards. Under torchrun, shard s belongs to rank s mod world size.
+Images are grouped into shards of `shard_size` consecutive source images. Each shard is
+written by one process to a temporary name and recorded when complete, so a killed run resumes
+by writing only the unrecorded shards, and writes the same bytes an uninterrupted run would.
+
+Under torchrun, shard s belongs to rank s mod world size. Rank 0 creates the cache and fits the
+codec while the other ranks wait at a barrier, and finalizes the manifest once every rank has
+written its shards.
 """
 
 from __future__ import annotations
@@ -14,42 +18,118 @@ import logging
 import time
 from pathlib import Path
 
+import torch.distributed as dist
 
 from pipeline.cache import CacheWriter
+from pipeline.cache.manifest import check_same_content, load_manifest, manifest_path, to_json_value
+from pipeline.cache_build import (
+    ShardJob,
+    ShardWriterLoop,
+    finalize_cache,
+    fit_codec,
+    read_skipped,
+    shard_ranges,
+)
 from pipeline.codecs import build_codec
 from pipeline.config import CacheConfig
-from pipeline.distributed import barrier, init_process_group, read_torchrun_env, resolve_device
+from pipeline.distributed import (
+    DistInfo,
+    barrier,
+    destroy_process_group,
+    init_process_group,
+    read_torchrun_env,
+    resolve_device,
+)
 from pipeline.errors import UsageError
 from pipeline.sources import open_source
-from pipeline.teachers import build_teacher
+from pipeline.teachers import Teacher, build_teacher
 from pipeline.views import PARAM_NAMES
-from pipeline.cache_build import ShardJob, ShardWriterLoop, finalize_cache, fit_codec, shard_ranges
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
 
-def run_cache_targets(config: CacheConfig) -> dict:
-    """Build (or finish) the cache described by `config`; return its manifest (rank 0) or {}."""
+def run_cache_targets(config: CacheConfig, teacher: Teacher | None = None) -> dict:
+    """Build (or finish) the cache described by `config`; return its manifest (rank 0) or {}.
+
+    `teacher` is a teacher built by the caller, for example one shared by several caches of
+    a benchmark. It must be the teacher `config.teacher` names. When omitted, the teacher is
+    built from `config`.
+
+    Raises CacheMismatchError when `config.out` contains a cache written with other settings,
+    naming the first differing setting with both values.
+    """
     _check_config(config)
     info = read_torchrun_env()
     device = resolve_device(config.device, info)
+    joined_here = not (dist.is_available() and dist.is_initialized())
     init_process_group(info, device)
 
     source = open_source(config.data)
-    teacher = build_teacher(
-        config.teacher,
-        config.teacher_weights,
-        student_img_size=config.img_size,
-        student_patch_size=config.student_patch_size,
-        device=device,
-        overrides=config.teacher_overrides,
-    )
+    if teacher is None:
+        teacher = build_teacher(
+            config.teacher,
+            config.teacher_weights,
+            student_img_size=config.img_size,
+            student_patch_size=config.student_patch_size,
+            device=device,
+            overrides=config.teacher_overrides,
+        )
+    elif teacher.describe()["name"] != config.teacher:
+        raise ValueError(f"the teacher passed in is {teacher.describe()['name']}, but config.teacher is {config.teacher}")
     codec = build_codec(config.codec)
-    augment = config.augment
 
     settings = content_settings(config, teacher, codec, source)
+    check_existing_cache(Path(config.out), config.format, settings)
+    writer = _open_writer(config, settings, teacher, codec, info)
+    job = ShardJob(config=config, source=source, teacher=teacher, codec=codec, augment=config.augment, device=device)
+
+    ranges = shard_ranges(len(source), config.shard_size)
+    if writer.manifest.get("complete") and writer.finished_shards() == set(range(len(ranges))):
+        logger.info("cache %s is already complete: nothing to do", config.out)
+        manifest = writer.manifest if info.is_main else {}
+    else:
+        manifest = _write_cache(job, writer, ranges, info)
+
+    if joined_here and info.enabled:
+        destroy_process_group()
+    return manifest
+
+
+def _write_cache(job: ShardJob, writer: CacheWriter, ranges: list[tuple[int, int]], info: DistInfo) -> dict:
+    """Fit the codec, write this rank's unfinished shards and finalize on rank 0."""
+    config = job.config
+    fit_codec(job, writer, info)
+    finished = writer.finished_shards()
+    mine = [shard for shard in range(len(ranges)) if shard % info.world_size == info.rank and shard not in finished]
+    logger.info(
+        "%d images in %d shards; %d already finished; this process writes %d",
+        len(job.source), len(ranges), len(finished), len(mine),
+    )
+
+    started = time.monotonic()
+    skipped_before = len(job.source.skipped) + len(read_skipped(Path(config.out), sorted(finished)))
+    loop = ShardWriterLoop(job, writer, enabled_progress=info.is_main, skipped_before=skipped_before)
+    loop.run(mine, ranges)
+    barrier()
+
+    manifest = {}
+    if info.is_main:
+        manifest = finalize_cache(job, writer, ranges, elapsed=time.monotonic() - started)
+    barrier()
+    return manifest
+
+
+def _open_writer(config: CacheConfig, settings: dict, teacher, codec, info: DistInfo) -> CacheWriter:
+    """Create or resume the cache: rank 0 first, then the other ranks.
+
+    Opening a new cache writes its first manifest, so only one process may do it. The last
+    barrier lets every rank finish opening, which removes temp files of killed runs, before
+    any rank writes a shard.
+    """
+    if not info.is_main:
+        barrier()
     num_patches = teacher.grid_size[0] * teacher.grid_size[1]
     writer = CacheWriter(
         Path(config.out),
@@ -59,27 +139,23 @@ def run_cache_targets(config: CacheConfig) -> dict:
         f"{codec.compressor}:{codec.compression_level}" if codec.compressor else None,
         config.views,
     )
-    job = ShardJob(config=config, source=source, teacher=teacher, codec=codec, augment=augment, device=device)
-
-    fit_codec(job, writer, info)
-    ranges = shard_ranges(len(source), config.shard_size)
-    finished = writer.finished_shards()
-    mine = [shard for shard in range(len(ranges)) if shard % info.world_size == info.rank and shard not in finished]
-    logger.info(
-        "%d images in %d shards; %d already finished; this process writes %d",
-        len(source), len(ranges), len(finished), len(mine),
-    )
-
-    started = time.monotonic()
-    loop = ShardWriterLoop(job, writer, enabled_progress=info.is_main)
-    loop.run(mine, ranges)
+    if info.is_main:
+        barrier()
     barrier()
+    return writer
 
-    if not info.is_main:
-        return {}
-    manifest = finalize_cache(job, writer, ranges, elapsed=time.monotonic() - started)
-    barrier()
-    return manifest
+
+def check_existing_cache(root: Path, fmt: str, settings: dict) -> None:
+    """Raise CacheMismatchError when `root` contains a cache written with other content settings.
+
+    The message names the first differing setting in the terms of this run's settings (for
+    example `seed`, `codec.name` or `teacher.name`) with the stored and requested values.
+    """
+    if not manifest_path(root).is_file():
+        return
+    manifest = load_manifest(root)
+    stored = {"format": manifest.get("format"), **(manifest.get("settings") or {})}
+    check_same_content(root, stored, {"format": fmt, **to_json_value(settings)})
 
 
 def _check_config(config: CacheConfig) -> None:
@@ -134,4 +210,3 @@ def content_settings(config: CacheConfig, teacher, codec, source) -> dict:
         "calibration_images": config.calibration_images if codec.needs_fit else 0,
         "source": {"fingerprint": source.fingerprint(), "images": len(source)},
     }
-

@@ -1,0 +1,327 @@
+"""Stage one on real photos with a tiny real teacher: views, formats, inputs, settings, fidelity."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE_DIR
+from helpers.tiny_clip import tiny_overrides, write_tiny_clip_checkpoint
+from PIL import Image
+
+from pipeline.cache import CacheReader
+from pipeline.codecs import build_codec
+from pipeline.config import CacheConfig, PretrainConfig
+from pipeline.data.training import build_training_data
+from pipeline.errors import CacheMismatchError
+from pipeline.masking import MaskConfig
+from pipeline.students import build_student
+from stages.cache_targets import run_cache_targets
+from stages.inspect_cache import describe_cache
+from stages.pretrain import run_pretrain
+
+IMG_SIZE = 96
+TEACHER = "clip_vit_base_patch16"
+STUDENT_OVERRIDES = {"embed_dim": 64, "depth": 2, "num_heads": 2}
+
+
+def copy_photos(folder: Path, count: int = 10) -> Path:
+    """Copy `count` real JPEGs of the bundled sample and add a PNG and a gray JPEG made from the first."""
+    folder.mkdir(parents=True)
+    names = sorted(p.name for p in SAMPLE_DIR.iterdir() if p.suffix == ".JPEG")[:count]
+    for name in names:
+        shutil.copy(SAMPLE_DIR / name, folder / name)
+    first = Image.open(SAMPLE_DIR / names[0]).convert("RGB")
+    first.save(folder / "converted.png")
+    first.convert("L").save(folder / "gray.jpg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stage-one")
+
+
+@pytest.fixture(scope="module")
+def photos(workspace: Path) -> Path:
+    return copy_photos(workspace / "photos")
+
+
+@pytest.fixture(scope="module")
+def teacher_file(workspace: Path) -> Path:
+    return write_tiny_clip_checkpoint(workspace / "tiny-clip.pt", image_size=224)
+
+
+def cache_config(data: Path, out: Path, teacher_file: Path, **changes) -> CacheConfig:
+    values = dict(
+        data=str(data),
+        out=str(out),
+        teacher=TEACHER,
+        teacher_weights=str(teacher_file),
+        teacher_overrides=tiny_overrides(),
+        img_size=IMG_SIZE,
+        views=2,
+        batch_size=8,
+        workers=0,
+        device="cpu",
+        shard_size=4,
+        calibration_images=4,
+        fidelity_views=8,
+    )
+    values.update(changes)
+    return CacheConfig(**values)
+
+
+def pretrain_config(out: Path, cache: Path, **changes) -> PretrainConfig:
+    values = dict(
+        out=str(out),
+        cache=str(cache),
+        student="vit_tiny_patch16",
+        student_overrides=STUDENT_OVERRIDES,
+        img_size=IMG_SIZE,
+        steps=3,
+        batch_size=4,
+        lr=1e-3,
+        warmup_steps=1,
+        drop_path=0.0,
+        val_fraction=0.1,
+        log_every=1,
+        checkpoint_every=100,
+        workers=0,
+        device="cpu",
+    )
+    values.update(changes)
+    return PretrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def caches(workspace: Path, photos: Path, teacher_file: Path) -> dict[str, Path]:
+    """A zarr and a wds cache of the same photos, seed and settings."""
+    paths = {}
+    for fmt in ("zarr", "wds"):
+        paths[fmt] = workspace / f"cache-{fmt}"
+        run_cache_targets(cache_config(photos, paths[fmt], teacher_file, format=fmt))
+    return paths
+
+
+def read_losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in records if "loss" in record]
+
+
+def decoded_by_image(reader: CacheReader, view: int) -> dict[int, np.ndarray]:
+    """Map image index to the decoded targets [L, D] of `view`, over the whole cache."""
+    codec = build_codec(reader.manifest["settings"]["codec"]["name"])
+    targets = {}
+    for record in reader.shards:
+        data = reader.read_shard(record.shard_id, view)
+        for index, values in zip(data.image_index, codec.decode(data.targets)):
+            targets[int(index)] = values
+    return targets
+
+
+def test_pretrain_log_names_view_per_epoch(tmp_path: Path, caches: dict[str, Path], caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.data.training")
+    config = pretrain_config(tmp_path / "run", caches["zarr"], steps=None, epochs=3)
+    run_pretrain(config)
+
+    messages = [record.getMessage() for record in caplog.records if record.name == "pipeline.data.training"]
+    epoch_lines = [message for message in messages if " reads view " in message]
+    assert len(epoch_lines) == 3
+    assert epoch_lines[0].startswith("epoch 0 reads view 0 of 2 ")
+    assert epoch_lines[1].startswith("epoch 1 reads view 1 of 2 ")
+    assert epoch_lines[2].startswith("epoch 2 reads view 0 of 2 ")
+
+
+def test_training_loader_reads_view_of_epoch(tmp_path: Path, caches: dict[str, Path]):
+    config = pretrain_config(tmp_path / "run", caches["zarr"])
+    student = build_student(config.student, IMG_SIZE, drop_path_rate=0.0, overrides=STUDENT_OVERRIDES)
+    mask_config = MaskConfig(*student.grid_size)
+    data = build_training_data(config, student, mask_config, torch.device("cpu"))
+    reader = CacheReader(caches["zarr"])
+    stored = {view: decoded_by_image(reader, view) for view in (0, 1)}
+
+    for epoch in range(3):
+        batch = next(iter(data.loader(epoch)))
+        expected = np.stack([stored[epoch % 2][int(i)] for i in batch["image_index"]])
+        other = np.stack([stored[(epoch + 1) % 2][int(i)] for i in batch["image_index"]])
+        np.testing.assert_array_equal(batch["targets"].numpy(), expected)
+        assert not np.allclose(batch["targets"].numpy(), other)
+
+
+def test_wds_cache_equals_zarr_cache(caches: dict[str, Path]):
+    zarr_reader = CacheReader(caches["zarr"])
+    wds_reader = CacheReader(caches["wds"])
+    assert zarr_reader.manifest["format"] == "zarr"
+    assert wds_reader.manifest["format"] == "wds"
+    assert wds_reader.manifest["settings"] == zarr_reader.manifest["settings"]
+    assert wds_reader.manifest["num_samples"] == zarr_reader.manifest["num_samples"] == 24
+    assert [r.shard_id for r in wds_reader.shards] == [r.shard_id for r in zarr_reader.shards]
+
+    codec = build_codec("fp16")
+    for record in zarr_reader.shards:
+        expected = zarr_reader.read_shard(record.shard_id)
+        actual = wds_reader.read_shard(record.shard_id)
+        np.testing.assert_array_equal(actual.image_index, expected.image_index)
+        np.testing.assert_array_equal(actual.view_index, expected.view_index)
+        np.testing.assert_array_equal(actual.label, expected.label)
+        np.testing.assert_array_equal(actual.params, expected.params)
+        assert actual.source == expected.source
+        assert actual.jpeg == expected.jpeg
+        assert actual.targets.keys() == expected.targets.keys()
+        for name in expected.targets:
+            np.testing.assert_array_equal(actual.targets[name], expected.targets[name])
+        np.testing.assert_array_equal(codec.decode(actual.targets), codec.decode(expected.targets))
+
+
+def test_pretrain_losses_equal_for_both_formats(tmp_path: Path, caches: dict[str, Path]):
+    for fmt, cache in caches.items():
+        run_pretrain(pretrain_config(tmp_path / fmt, cache))
+    zarr_losses = read_losses(tmp_path / "zarr")
+    wds_losses = read_losses(tmp_path / "wds")
+    assert len(zarr_losses) == 3
+    assert wds_losses == zarr_losses
+
+
+def write_webdataset_shards(folder: Path) -> dict[str, int]:
+    """Write two tar shards of real JPEGs whose keys contain dots; return {member name: label}.
+
+    Every sample but the last has a `.cls` label, so the last one is stored with label -1.
+    """
+    folder.mkdir(parents=True)
+    names = sorted(p.name for p in SAMPLE_DIR.iterdir() if p.suffix == ".JPEG")[:6]
+    labels = {}
+    for shard in range(2):
+        with tarfile.open(folder / f"val-{shard:06d}.tar", "w") as tar:
+            for position, name in enumerate(names[shard * 3 : shard * 3 + 3]):
+                key = f"imagenet.val.v2/{Path(name).stem}_{shard}"
+                image_member = f"{key}.jpg"
+                _add_member(tar, image_member, (SAMPLE_DIR / name).read_bytes())
+                if (shard, position) != (1, 2):
+                    labels[image_member] = 100 * shard + position
+                    _add_member(tar, f"{key}.cls", str(labels[image_member]).encode())
+                else:
+                    labels[image_member] = -1
+    return labels
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_input_labels_reach_cache(tmp_path: Path, teacher_file: Path):
+    labels = write_webdataset_shards(tmp_path / "shards")
+    out = tmp_path / "cache"
+    manifest = run_cache_targets(cache_config(tmp_path / "shards", out, teacher_file, views=1))
+    reader = CacheReader(out)
+    data = [reader.read_shard(record.shard_id, 0) for record in reader.shards]
+    sources = [source for piece in data for source in piece.source]
+    stored_labels = [int(label) for piece in data for label in piece.label]
+
+    assert manifest["num_images"] == 6
+    assert manifest["num_skipped"] == 0
+    assert all("." in member.split("/")[0] for member in labels)
+    assert [source.partition("::")[2] for source in sources] == list(labels)
+    assert sources[0].startswith("val-000000.tar::")
+    assert stored_labels == list(labels.values())
+    assert stored_labels[-1] == -1
+
+
+@pytest.mark.parametrize(
+    ("change", "setting", "stored", "requested"),
+    [
+        ({"seed": 7}, "seed", "0", "7"),
+        ({"codec": "int8-channel"}, "codec.name", '"fp16"', '"int8-channel"'),
+        ({"teacher": "pixel", "teacher_weights": None, "teacher_overrides": None}, "teacher.name",
+         f'"{TEACHER}"', '"pixel"'),
+        ({"format": "wds"}, "format", '"zarr"', '"wds"'),
+    ],
+)
+def test_rerun_with_other_setting_rejected(
+    caches: dict[str, Path], photos: Path, teacher_file: Path, change, setting, stored, requested
+):
+    manifest_before = (caches["zarr"] / "manifest.json").read_bytes()
+    with pytest.raises(CacheMismatchError) as error:
+        run_cache_targets(cache_config(photos, caches["zarr"], teacher_file, **change))
+    message = str(error.value)
+    assert f"written with {setting} = {stored}" in message
+    assert f"this run has {setting} = {requested}" in message
+    assert str(caches["zarr"]) in message
+    assert (caches["zarr"] / "manifest.json").read_bytes() == manifest_before
+
+
+def test_rerun_of_complete_cache_writes_nothing(caches: dict[str, Path], photos: Path, teacher_file: Path):
+    cache = caches["wds"]
+    stamps = {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()}
+    manifest = run_cache_targets(cache_config(photos, cache, teacher_file, format="wds"))
+    assert manifest == json.loads((cache / "manifest.json").read_text())
+    assert {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()} == stamps
+
+
+def test_deleted_shard_record_rewrites_shard(tmp_path: Path, caches: dict[str, Path], photos: Path, teacher_file: Path):
+    cache = tmp_path / "cache"
+    shutil.copytree(caches["zarr"], cache)
+    expected = CacheReader(cache).read_shard(1)
+    other_stamp = (cache / "shards" / "shard_000000.done.json").stat().st_mtime_ns
+    (cache / "shards" / "shard_000001.done.json").unlink()
+
+    manifest = run_cache_targets(cache_config(photos, cache, teacher_file))
+    actual = CacheReader(cache).read_shard(1)
+    assert manifest["num_shards"] == 3
+    assert (cache / "shards" / "shard_000001.done.json").is_file()
+    assert (cache / "shards" / "shard_000000.done.json").stat().st_mtime_ns == other_stamp
+    assert actual.jpeg == expected.jpeg
+    for name in expected.targets:
+        np.testing.assert_array_equal(actual.targets[name], expected.targets[name])
+
+
+@pytest.fixture(scope="module")
+def codec_caches(workspace: Path, photos: Path, teacher_file: Path) -> dict[str, dict]:
+    """Manifests of one-view caches of the same photos, one per codec."""
+    manifests = {}
+    for codec in ("fp32", "fp16", "int8-channel", "pca-8"):
+        out = workspace / f"codec-{codec}"
+        manifests[codec] = run_cache_targets(cache_config(photos, out, teacher_file, views=1, codec=codec))
+        manifests[codec]["path"] = out
+    return manifests
+
+
+def test_pca_fidelity_below_fp16(codec_caches: dict[str, dict]):
+    fp16 = codec_caches["fp16"]["fidelity"]
+    pca = codec_caches["pca-8"]["fidelity"]
+    assert pca["num_views"] == fp16["num_views"] == 8
+    assert fp16["cosine_mean"] > 0.999
+    assert pca["cosine_mean"] < fp16["cosine_mean"]
+    assert pca["cosine_p1"] < fp16["cosine_p1"]
+    assert pca["relative_mse"] > fp16["relative_mse"]
+
+
+def test_bytes_per_view_rank_by_codec(codec_caches: dict[str, dict]):
+    targets = {codec: manifest["bytes_per_view"]["targets"] for codec, manifest in codec_caches.items()}
+    total = {codec: manifest["bytes_per_view"]["total"] for codec, manifest in codec_caches.items()}
+    patches, dim = 36, 64
+    assert targets["fp32"] == patches * dim * 4
+    assert targets["fp16"] == patches * dim * 2
+    assert targets["int8-channel"] == patches * dim
+    assert targets["pca-8"] == patches * (8 + 2)  # int8 coefficients and a float16 scale per patch
+    assert total["pca-8"] < total["int8-channel"] < total["fp16"] < total["fp32"]
+
+
+def test_inspect_prints_fidelity_and_bytes(codec_caches: dict[str, dict]):
+    manifest = codec_caches["pca-8"]
+    fidelity = manifest["fidelity"]
+    text = describe_cache(manifest["path"])
+    assert "pca-8" in text
+    assert f"{fidelity['cosine_mean']:.5f}" in text
+    assert f"{fidelity['cosine_p1']:.5f}" in text
+    assert f"{fidelity['relative_mse']:.2e}" in text
+    assert f"{manifest['bytes_per_view']['total'] / 1024:.1f} KiB" in text

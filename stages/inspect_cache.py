@@ -33,7 +33,7 @@ def describe_cache(root: str | Path, project_images: int = IMAGENET_TRAIN_IMAGES
 
     lines = [
         f"cache       {Path(root)}  (format {manifest['format']}, schema {manifest['schema_version']})",
-        f"teacher     {teacher['name']}  weights {teacher['weights_source']}  sha256 {str(teacher['weights_sha256'])[:16]}",
+        f"teacher     {teacher['name']}  weights {teacher['weights_source']}{_short_sha(teacher.get('weights_sha256'))}",
         f"            input {teacher.get('input_size')} px, mean {teacher.get('mean')}, std {teacher.get('std')}",
         f"targets     grid {targets['grid'][0]}x{targets['grid'][1]}, width {targets['dim']}, {targets['layer']}",
         f"student     {view['img_size']} px views, patch {view['patch_size']}, JPEG quality {view['jpeg_quality']}",
@@ -45,6 +45,10 @@ def describe_cache(root: str | Path, project_images: int = IMAGENET_TRAIN_IMAGES
     lines += _bytes_lines(manifest, project_images)
     lines += _fidelity_lines(manifest.get("fidelity") or {})
     return "\n".join(lines)
+
+
+def _short_sha(digest: str | None) -> str:
+    return f"  sha256 {digest[:16]}" if digest else ""
 
 
 def _skipped_lines(manifest: dict) -> list[str]:
@@ -70,7 +74,7 @@ def _skipped_lines(manifest: dict) -> list[str]:
 
 
 def _bytes_lines(manifest: dict, project_images: int) -> list[str]:
-    """Bytes per view split into targets and the rest, the saving against float32, and a projection."""
+    """Describe bytes per view split into targets and the rest, the saving against float32, and a projection."""
     per_view = manifest.get("bytes_per_view") or {}
     total = per_view.get("total") or 0.0
     if not total:
@@ -116,27 +120,51 @@ def show_cache(
 ) -> Path:
     """Draw `count` samples of one view of a cache with their targets and a mask; return the figure path.
 
-    Each sample shows the stored student view, the view with the mask of epoch 0 grayed out (the
-    mask that `pretrain --seed seed --mask-ratio mask_ratio` draws for it in its first epoch), and
-    its decoded targets as PCA colors. The samples are the first `count` of the view in shard
-    order. The PCA is fitted over exactly the samples shown.
+    See `cache_panels` for what each sample shows. The output format follows the suffix of
+    `output` (.png, .pdf, .svg, ...).
     """
     output = Path(output)
     check_figure_suffix(output)
+    reader = CacheReader(Path(root))
+    panels = cache_panels(reader, count, view, mask_ratio, min_mask_block, seed)
+
+    settings = reader.manifest["settings"]
+    grid = settings["targets"]["grid"]
+    title = (
+        f"{Path(root).name}: teacher {settings['teacher']['name']}, codec {settings['codec']['full_name']}\n"
+        f"targets {grid[0]}x{grid[1]} x {settings['targets']['dim']}; mask ratio {mask_ratio}, seed {seed}, epoch 0"
+    )
+    save_view_grid(panels, output, title)
+    logger.info("drew %d samples of view %d of %s into %s", len(panels), view, root, output)
+    return output
+
+
+def cache_panels(
+    reader: CacheReader,
+    count: int,
+    view: int = 0,
+    mask_ratio: float = 0.4,
+    min_mask_block: int = 16,
+    seed: int = 0,
+) -> list[ViewPanel]:
+    """Return the first `count` samples of `view`, in shard order, ready to draw.
+
+    Each panel contains the stored student view, its decoded targets as PCA colors (fitted over
+    exactly these samples) and the mask that `pretrain --seed seed --mask-ratio mask_ratio`
+    draws for the sample in epoch 0. A cache with fewer samples gives fewer panels.
+    """
     if count < 1:
         raise UsageError(f"--show must be at least 1, got {count}")
-    reader = CacheReader(Path(root))
     if not 0 <= view < reader.num_views:
-        raise UsageError(f"--view {view} is out of range: cache {root} has views 0 to {reader.num_views - 1}")
+        raise UsageError(f"--view {view} is out of range: cache {reader.root} has views 0 to {reader.num_views - 1}")
 
     samples = _first_samples(reader, count, view)
-    settings = reader.manifest["settings"]
-    grid = tuple(settings["targets"]["grid"])
+    grid = tuple(reader.manifest["settings"]["targets"]["grid"])
     colors = pca_colors(_decode_targets(reader, samples.targets), grid)
     mask_config = MaskConfig(grid[0], grid[1], ratio=mask_ratio, min_block=min_mask_block)
     masks = sample_masks(mask_config, seed, 0, samples.image_index)
 
-    panels = [
+    return [
         ViewPanel(
             view=decode_jpeg(samples.jpeg[i]),
             targets_rgb=colors[i],
@@ -145,13 +173,6 @@ def show_cache(
         )
         for i in range(len(samples))
     ]
-    title = (
-        f"{Path(root).name}: teacher {settings['teacher']['name']}, codec {settings['codec']['full_name']}\n"
-        f"targets {grid[0]}x{grid[1]} x {settings['targets']['dim']}; mask ratio {mask_ratio}, seed {seed}, epoch 0"
-    )
-    save_view_grid(panels, output, title)
-    logger.info("drew %d samples of view %d of %s into %s", len(samples), view, root, output)
-    return output
 
 
 def _first_samples(reader: CacheReader, count: int, view: int) -> ShardData:

@@ -29,7 +29,7 @@ from pipeline.engine import autocast_context
 from pipeline.errors import CorruptCacheError, UsageError
 from pipeline.logs import ProgressReporter
 from pipeline.provenance import package_versions
-from pipeline.sources import ImageSource
+from pipeline.sources import ImageSource, count_reasons, is_bad_input, printable_source
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +81,17 @@ class ShardJob:
                 outputs.append(self.teacher(chunk).float().cpu())
         return torch.cat(outputs).numpy()
 
+    def bad_at_index(self) -> list[tuple[str, str]]:
+        """Return the broken inputs found while indexing, without entries that were never images (OS junk, .txt)."""
+        return [(source, reason) for source, reason in self.source.skipped if is_bad_input(reason)]
+
+    def num_inputs(self) -> int:
+        """Return the inputs that ``--max-bad-fraction`` refers to: indexed images and broken inputs."""
+        return len(self.source) + len(self.bad_at_index())
+
     def allowed_bad_inputs(self) -> float:
         """Return how many inputs may be skipped before the run stops (``--max-bad-fraction``)."""
-        return self.config.max_bad_fraction * len(self.source)
+        return self.config.max_bad_fraction * self.num_inputs()
 
 
 def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
@@ -154,8 +162,8 @@ def read_skipped(root: Path, shard_ids: list[int]) -> list[dict]:
 class ShardWriterLoop:
     """Writes shards one after another, counting skipped inputs against the allowed fraction.
 
-    ``skipped_before`` is the number of inputs skipped before this loop started: while indexing
-    the source and in shards that an earlier run finished.
+    ``skipped_before`` is the number of bad inputs skipped before this loop started: while
+    indexing the source and in shards that an earlier run finished.
     """
 
     job: ShardJob
@@ -165,6 +173,7 @@ class ShardWriterLoop:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def run(self, shard_ids: list[int], ranges: list[tuple[int, int]]) -> None:
+        self._check_bad_at_index()
         total_images = sum(ranges[s][1] - ranges[s][0] for s in shard_ids)
         progress = ProgressReporter("cache-targets", total_images, enabled=self.enabled_progress)
         written_bytes = 0
@@ -204,20 +213,33 @@ class ShardWriterLoop:
         )
         return self.writer.write_shard(shard_id, data, image_range, num_images=len(items))
 
-    def _skip(self, item: ImageViews, shard_skipped: list) -> None:
-        config = self.job.config
-        if config.strict:
-            raise UsageError(f"cannot use input {item.source}: {item.skipped} (--strict stops at the first bad input)")
-        logger.warning("skipping %s: %s", item.source, item.skipped)
-        shard_skipped.append((item.source, item.skipped))
-        self.skipped.append((item.source, item.skipped))
+    def _check_bad_at_index(self) -> None:
+        """Stop before the teacher pass when indexing already found too many broken inputs, or any with --strict."""
+        bad = self.job.bad_at_index()
+        if bad and self.job.config.strict:
+            source, reason = bad[0]
+            raise UsageError(
+                f"cannot use input {printable_source(source)}: {reason} (--strict stops at the first bad input)"
+            )
+        if bad:
+            self._check_count(*bad[-1])
 
+    def _skip(self, item: ImageViews, shard_skipped: list) -> None:
+        source = printable_source(item.source)
+        if self.job.config.strict:
+            raise UsageError(f"cannot use input {source}: {item.skipped} (--strict stops at the first bad input)")
+        logger.warning("skipping %s: %s", source, item.skipped)
+        shard_skipped.append((source, item.skipped))
+        self.skipped.append((source, item.skipped))
+        self._check_count(source, item.skipped)
+
+    def _check_count(self, last_source: str, last_reason: str) -> None:
         count = self.skipped_before + len(self.skipped)
         if count > self.job.allowed_bad_inputs():
             raise UsageError(
-                f"{count} of {len(self.job.source)} inputs could not be used, more than --max-bad-fraction "
-                f"{config.max_bad_fraction}; the last was {item.source} ({item.skipped}). Fix or remove the "
-                "bad files, or raise --max-bad-fraction"
+                f"{count} of {self.job.num_inputs()} inputs could not be used, more than --max-bad-fraction "
+                f"{self.job.config.max_bad_fraction}; the last was {printable_source(last_source)} ({last_reason}). "
+                "Fix or remove the bad files, or raise --max-bad-fraction"
             )
 
     def _shard_data(self, shard_id: int, items: list[ImageViews], targets: list[np.ndarray]) -> ShardData:
@@ -239,7 +261,7 @@ class ShardWriterLoop:
         return ShardData(
             image_index=np.tile(np.array([item.index for item in items], dtype=np.int64), views),
             view_index=np.repeat(np.arange(views, dtype=np.int32), num_images),
-            source=[item.source for item in items] * views,
+            source=[printable_source(item.source) for item in items] * views,
             label=np.tile(np.array([item.label for item in items], dtype=np.int64), views),
             params=np.concatenate([np.stack([item.params[v] for item in items]) for v in range(views)])
             if items
@@ -259,7 +281,7 @@ def finalize_cache(job: ShardJob, writer: CacheWriter, ranges: list[tuple[int, i
     """
     root = Path(job.config.out)
     records = finished_records(root, len(ranges))
-    skipped = [{"source": s, "reason": r} for s, r in job.source.skipped]
+    skipped = [{"source": printable_source(s), "reason": r} for s, r in job.source.skipped]
     skipped.extend(read_skipped(root, [record.shard_id for record in records]))
     _check_bad_fraction(job, skipped)
 
@@ -286,6 +308,12 @@ def finalize_cache(job: ShardJob, writer: CacheWriter, ranges: list[tuple[int, i
         fidelity.get("cosine_mean", float("nan")), fidelity.get("cosine_p1", float("nan")),
         fidelity.get("relative_mse", float("nan")), extra["bytes_per_view"]["total"],
     )
+    if skipped:
+        logger.warning(
+            "skipped %d of %d inputs (%s); the \"skipped\" list of %s names each with its reason",
+            len(skipped), extra["num_inputs"], count_reasons((item["source"], item["reason"]) for item in skipped),
+            root / "manifest.json",
+        )
     return manifest
 
 
@@ -305,12 +333,13 @@ def _check_bad_fraction(job: ShardJob, skipped: list[dict]) -> None:
     Each process stops at the limit on its own count, so with several processes the total is
     checked here once more.
     """
-    if len(skipped) <= job.allowed_bad_inputs():
+    bad = [item for item in skipped if is_bad_input(item["reason"])]
+    if len(bad) <= job.allowed_bad_inputs():
         return
     raise UsageError(
-        f"{len(skipped)} of {len(job.source)} inputs could not be used, more than --max-bad-fraction "
+        f"{len(bad)} of {job.num_inputs()} inputs could not be used, more than --max-bad-fraction "
         f"{job.config.max_bad_fraction} (the manifest lists them once the cache is finalized; the first was "
-        f"{skipped[0]['source']}: {skipped[0]['reason']}). Fix or remove the bad files and write a new cache, "
+        f"{bad[0]['source']}: {bad[0]['reason']}). Fix or remove the bad files and write a new cache, "
         "or rerun the same command with a higher --max-bad-fraction to finish this one"
     )
 

@@ -109,7 +109,7 @@ def _write_cache(job: ShardJob, writer: CacheWriter, ranges: list[tuple[int, int
     )
 
     started = time.monotonic()
-    skipped_before = len(job.source.skipped) + len(read_skipped(Path(config.out), sorted(finished)))
+    skipped_before = len(job.bad_at_index()) + len(read_skipped(Path(config.out), sorted(finished)))
     loop = ShardWriterLoop(job, writer, enabled_progress=info.is_main, skipped_before=skipped_before)
     loop.run(mine, ranges)
     barrier()

@@ -6,10 +6,10 @@ whole chunks, keeps at most `shards_in_memory` of them, and decodes only the sam
 batch.
 
 The epoch order (`pipeline.data.order`) visits the shards in windows of `SHARD_WINDOW`, so a
-worker that keeps one window of slices reads each slice once per epoch: within a window every
-slice stays cached, and when a batch reaches the next window, the slices it already holds are
-used before new ones evict the oldest. Memory per worker is therefore one window of view slices,
-whatever the size of the cache.
+worker that keeps one window of slices reads each slice once per epoch. Within a window every
+slice stays cached, and a batch that reaches the next window uses its cached slices before new
+reads evict the least recently used ones. Memory per worker is therefore one window of view
+slices, whatever the size of the cache.
 
 NOTE: every rank reads the whole view slice of each shard it touches and keeps its own part of
 each global batch, so storage reads grow with the number of ranks (the page cache absorbs this
@@ -87,7 +87,7 @@ class ViewSlice:
         return cls(data.image_index, data.targets, jpeg, offsets.tolist())
 
     def jpeg_at(self, row: int) -> torch.Tensor:
-        """The JPEG bytes of sample `row`, a view into `jpeg`."""
+        """Return the JPEG bytes of sample `row` as a view into `jpeg`, without copying."""
         return self.jpeg[self.jpeg_offsets[row] : self.jpeg_offsets[row + 1]]
 
 
@@ -122,7 +122,7 @@ class CachedViews(torch.utils.data.Dataset):
 
     @property
     def slices_in_memory(self) -> int:
-        """Number of shard view slices this process holds now."""
+        """Number of shard view slices that this process keeps in memory now."""
         return len(self._slices)
 
     def __getitems__(self, items: list[tuple[int, int, int]]) -> dict:
@@ -179,14 +179,14 @@ class CachedViews(torch.utils.data.Dataset):
     def _visit_order(self, positions: np.ndarray, view: int) -> list[int]:
         """Shard positions of a batch: those in memory first, then the others in batch order.
 
-        Using the held slices before reading new ones keeps a new read from evicting a slice
+        Using the cached slices before reading new ones keeps a new read from evicting a slice
         that this batch still needs.
         """
         unique, first = np.unique(positions, return_index=True)
         by_appearance = unique[np.argsort(first)].tolist()
-        held = [position for position in by_appearance if (position, view) in self._slices]
+        cached = [position for position in by_appearance if (position, view) in self._slices]
         new = [position for position in by_appearance if (position, view) not in self._slices]
-        return held + new
+        return cached + new
 
     def _slice(self, position: int, view: int) -> ViewSlice:
         key = (position, view)

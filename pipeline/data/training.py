@@ -80,7 +80,11 @@ class TrainingData:
         return self._loader(batches)
 
     def val_loader(self) -> torch.utils.data.DataLoader:
-        """Validation batches: view 0, masks of a fixed epoch (-1), split across ranks."""
+        """Validation batches: view 0, masks of a fixed epoch (-1), split across ranks.
+
+        NOTE: the validation samples are spread over all shards, so each validation reads the
+        view-0 slice of every shard, 1/K of a K-view cache, for a small fraction of its samples.
+        """
         mine = np.array_split(self.val_ids, self.world_size)[self.rank]
         size = self.config.batch_size
         batches = [[(-1, 0, int(i)) for i in mine[start : start + size]] for start in range(0, len(mine), size)]

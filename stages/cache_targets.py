@@ -18,7 +18,7 @@ import logging
 import time
 from pathlib import Path
 
-import torch.distributed as dist
+import torch
 
 from pipeline.cache import CacheWriter
 from pipeline.cache.manifest import check_same_content, load_manifest, manifest_path, to_json_value
@@ -63,9 +63,15 @@ def run_cache_targets(config: CacheConfig, teacher: Teacher | None = None) -> di
     _check_config(config)
     info = read_torchrun_env()
     device = resolve_device(config.device, info)
-    joined_here = not (dist.is_available() and dist.is_initialized())
-    init_process_group(info, device)
+    joined = init_process_group(info, device)
+    try:
+        return _run(config, teacher, info, device)
+    finally:
+        if joined:
+            destroy_process_group()
 
+
+def _run(config: CacheConfig, teacher: Teacher | None, info: DistInfo, device: torch.device) -> dict:
     source = open_source(config.data)
     if teacher is None:
         teacher = build_teacher(
@@ -88,13 +94,8 @@ def run_cache_targets(config: CacheConfig, teacher: Teacher | None = None) -> di
     ranges = shard_ranges(len(source), config.shard_size)
     if writer.manifest.get("complete") and writer.finished_shards() == set(range(len(ranges))):
         logger.info("cache %s is already complete: nothing to do", config.out)
-        manifest = writer.manifest if info.is_main else {}
-    else:
-        manifest = _write_cache(job, writer, ranges, info)
-
-    if joined_here and info.enabled:
-        destroy_process_group()
-    return manifest
+        return writer.manifest if info.is_main else {}
+    return _write_cache(job, writer, ranges, info)
 
 
 def _write_cache(job: ShardJob, writer: CacheWriter, ranges: list[tuple[int, int]], info: DistInfo) -> dict:

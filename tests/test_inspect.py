@@ -6,8 +6,11 @@ so the targets have image structure and the summary has skipped inputs to report
 
 from __future__ import annotations
 
+import contextlib
 import io
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cache import CacheReader
+from pipeline.codecs import build_codec
 from pipeline.config import CacheConfig
 from pipeline.data.cached import CachedViews
 from pipeline.errors import UsageError
@@ -25,6 +29,7 @@ from stages.inspect_cache import cache_panels, describe_cache, show_cache
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO / "data" / "imagenet-sample-64"
+FORMAT_DOC = REPO / "docs" / "cache-format.md"
 IMG_SIZE = 96
 GRID = (6, 6)
 
@@ -230,3 +235,45 @@ def test_upsample_grid_blocks():
     assert pixels.shape == (4, 6)
     assert pixels[0].tolist() == [0, 0, 1, 1, 2, 2]
     assert pixels[3].tolist() == [3, 3, 4, 4, 5, 5]
+
+
+# ---- the reading example of docs/cache-format.md
+
+
+def run_format_doc_example(cache: Path, monkeypatch) -> tuple[dict, str]:
+    """Run the doc's Python block on `cache`; return its variables and what it printed."""
+    code = re.search(r"```python\n(.*?)```", FORMAT_DOC.read_text(), re.S).group(1)
+    monkeypatch.setattr(sys, "argv", ["read_cache.py", str(cache)])
+    printed = io.StringIO()
+    namespace: dict = {}
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, str(FORMAT_DOC), "exec"), namespace)
+    return namespace, printed.getvalue()
+
+
+def check_doc_example(cache: Path, monkeypatch) -> None:
+    namespace, printed = run_format_doc_example(cache, monkeypatch)
+
+    reader = CacheReader(cache)
+    first = reader.read_shard(min(record.shard_id for record in reader.shards), 0)
+    codec = build_codec(reader.manifest["settings"]["codec"]["name"])
+    if codec.needs_fit:
+        codec.load_state(reader.codec_state())
+    assert namespace["image_index"].tolist() == first.image_index.tolist()
+    assert namespace["jpegs"] == first.jpeg
+    assert np.array_equal(namespace["targets"], codec.decode(first.targets))
+    assert printed.startswith(f"image {first.image_index[0]}: view ({IMG_SIZE}, {IMG_SIZE}) RGB, targets (36, 768)")
+
+
+def test_format_doc_example_zarr(zarr_cache, monkeypatch):
+    check_doc_example(zarr_cache, monkeypatch)
+
+
+def test_format_doc_example_wds_zstd(wds_cache, monkeypatch):
+    check_doc_example(wds_cache, monkeypatch)
+
+
+@pytest.mark.parametrize(("codec", "cache_format"), [("pca-8", "wds"), ("bf16+zstd", "zarr"), ("int8-token", "wds")])
+def test_format_doc_example_codecs(codec, cache_format, tmp_path, monkeypatch):
+    cache = build_cache(tmp_path, 3, False, codec=codec, format=cache_format, calibration_images=3, fidelity_views=0)
+    check_doc_example(cache, monkeypatch)

@@ -205,8 +205,8 @@ def test_slices_in_memory_stay_within_window(cache_dir: Path, window: int):
     dataset.reader.read_shard = counted_read
     for epoch in (0, 1):
         plan = plan_epoch(data.train_groups, SEED, epoch, batch_size=4, window=window)
-        batches = [[(epoch, epoch % 2, int(i)) for i in ids] for ids in plan.batches]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=BatchList(batches), collate_fn=passthrough)
+        batches = BatchList(epoch, epoch % 2, plan.batches)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=passthrough)
         for _ in loader:
             held_after_batch.append(dataset.slices_in_memory)
 

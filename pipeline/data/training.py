@@ -35,13 +35,20 @@ def passthrough(batch):
 
 
 class BatchList(torch.utils.data.Sampler):
-    """A fixed list of batches of (epoch, view, sample id) items."""
+    """Batches of one epoch and view, given as sample id arrays and yielded as (epoch, view, sample id) lists.
 
-    def __init__(self, batches: list[list[tuple[int, int, int]]]) -> None:
+    The items of a batch are built when the DataLoader asks for it, so an epoch of the whole
+    cache costs one int64 per sample here instead of one Python tuple.
+    """
+
+    def __init__(self, epoch: int, view: int, batches: list[np.ndarray]) -> None:
+        self.epoch = epoch
+        self.view = view
         self.batches = batches
 
     def __iter__(self):
-        return iter(self.batches)
+        for sample_ids in self.batches:
+            yield [(self.epoch, self.view, sample_id) for sample_id in sample_ids.tolist()]
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -75,9 +82,8 @@ class TrainingData:
         plan = plan_epoch(
             self.train_groups, self.config.seed, epoch, self.config.batch_size, self.rank, self.world_size, SHARD_WINDOW
         )
-        batches = [[(epoch, view, int(i)) for i in ids] for ids in plan.batches[skip_batches:]]
         logger.info("epoch %d reads view %d of %d (%d batches)", epoch, view, self.num_views, len(plan.batches))
-        return self._loader(batches)
+        return self._loader(BatchList(epoch, view, plan.batches[skip_batches:]))
 
     def val_loader(self) -> torch.utils.data.DataLoader:
         """Validation batches: view 0, masks of a fixed epoch (-1), split across ranks.
@@ -87,14 +93,14 @@ class TrainingData:
         """
         mine = np.array_split(self.val_ids, self.world_size)[self.rank]
         size = self.config.batch_size
-        batches = [[(-1, 0, int(i)) for i in mine[start : start + size]] for start in range(0, len(mine), size)]
-        return self._loader(batches)
+        batches = [mine[start : start + size] for start in range(0, len(mine), size)]
+        return self._loader(BatchList(-1, 0, batches))
 
-    def _loader(self, batches) -> torch.utils.data.DataLoader:
+    def _loader(self, batches: BatchList) -> torch.utils.data.DataLoader:
         workers = self.config.workers
         return torch.utils.data.DataLoader(
             self.dataset,
-            batch_sampler=BatchList(batches),
+            batch_sampler=batches,
             num_workers=workers,
             collate_fn=passthrough,
             pin_memory=self.device.type == "cuda",

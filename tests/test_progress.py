@@ -78,7 +78,40 @@ def plain_console(monkeypatch):
     monkeypatch.setattr(logs, "stderr_is_terminal", lambda: False)
 
 
-# ---- the progress reporter in process
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+# ---- logging setup and the progress reporter in process
+
+
+def format_warning(handler: logging.Handler) -> str:
+    return handler.format(logging.LogRecord("stage", logging.WARNING, __file__, 1, "slow disk", None, None))
+
+
+def test_setup_logging_rank_zero_info(plain_console, restore_logging):
+    logs.setup_logging(rank=0)
+    root = logging.getLogger()
+    assert root.level == logging.INFO
+    assert len(root.handlers) == 1
+    assert format_warning(root.handlers[0]).endswith(" WARNING stage: slow disk")
+    assert "[rank" not in format_warning(root.handlers[0])
+
+
+def test_setup_logging_other_ranks_warnings(plain_console, restore_logging):
+    logs.setup_logging(rank=3, debug=True)
+    root = logging.getLogger()
+    assert root.level == logging.WARNING
+    assert format_warning(root.handlers[0]).endswith(" [rank 3] WARNING stage: slow disk")
+
 
 
 def test_reporter_logs_lines_off_terminal(plain_console, caplog):
@@ -282,6 +315,16 @@ def test_run_metrics_fields(piped_run):
     assert training[-1]["eta_seconds"] == 0
     assert validation
     assert np.isfinite(validation[-1]["val_loss"])
+
+
+def test_config_unknown_key_rejected(tmp_path):
+    preset = tmp_path / "typo.yaml"
+    preset.write_text(yaml.safe_dump({"pretrain": {"mask_ration": 0.5}}))
+    result = run_cli("pretrain", "--config", str(preset), "--cache", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "unknown key 'mask_ration'" in result.stderr
+    assert str(preset) in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # ---- version and shell completion

@@ -37,7 +37,7 @@ all: install ## Cache targets, pretrain, extract the student and run it in timm,
 	rm -rf $(OUT)
 	$(BIN)/maskdistill cache-targets --config $(PRESET) --data $(DATA) --out $(OUT)/cache \
 		--teacher $(TEACHER) $(if $(TEACHER_WEIGHTS),--teacher-weights $(TEACHER_WEIGHTS))
-	$(BIN)/maskdistill inspect $(OUT)/cache
+	$(BIN)/maskdistill inspect $(OUT)/cache --show 8 -o $(OUT)/views.png
 	@echo "== stage two: student $(STUDENT) from the cache"
 	$(BIN)/maskdistill pretrain --config $(PRESET) --cache $(OUT)/cache --student $(STUDENT) --out $(OUT)/run
 	@echo "== extract the student and run it in timm"

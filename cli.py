@@ -182,11 +182,33 @@ def extract_student(
 def inspect(
     cache: Path = typer.Argument(..., help="Cache folder written by cache-targets."),
     project_images: int = typer.Option(1_281_167, help="Dataset size, in images, for the projected cache size (default: ImageNet-1k train)."),
+    show: Optional[int] = typer.Option(None, "--show", help="Also draw this many samples (view, masked view, targets as PCA colors) into the --output picture."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Picture written by --show: .png, .pdf or .svg."),
+    view: int = typer.Option(0, help="View index drawn by --show."),
+    mask_ratio: float = typer.Option(0.4, help="Mask ratio of the masks drawn by --show (as pretrain --mask-ratio)."),
+    min_mask_block: int = typer.Option(16, help="Minimum patches per mask block of the masks drawn by --show (as pretrain --min-mask-block)."),
+    seed: int = typer.Option(0, help="Seed of the masks drawn by --show (as pretrain --seed); they are the masks of epoch 0."),
 ) -> None:
-    """Print a cache's manifest in readable form: teacher, grid, codec, views, samples, bytes, fidelity."""
-    from stages.inspect_cache import describe_cache
+    """Print a cache's manifest in readable form; with --show N -o FILE, also draw N samples with their targets and masks."""
+    from stages.inspect_cache import describe_cache, show_cache
 
+    if (show is None) != (output is None):
+        raise UsageError("--show N and --output FILE go together: pass both to draw samples, or neither")
     typer.echo(describe_cache(cache, project_images))
+    if show is not None:
+        picture = show_cache(cache, output, show, view=view, mask_ratio=mask_ratio, min_mask_block=min_mask_block, seed=seed)
+        typer.echo(f"wrote {picture}")
+
+
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run folders written by pretrain; each has a metrics.jsonl."),
+    output: Path = typer.Option(..., "--output", "-o", help="Picture to write: .png, .pdf or .svg."),
+) -> None:
+    """Plot training loss, validation loss and learning rate of one or more runs, overlaid."""
+    from stages.plot_runs import plot_runs
+
+    typer.echo(f"wrote {plot_runs(runs, output)}")
 
 
 @app.command()

@@ -48,7 +48,7 @@ from pipeline.provenance import run_environment
 from pipeline.sources import count_reasons, printable_source
 from pipeline.students import build_student
 from pipeline.data.sample_log import SampleLog
-from pipeline.data.training import TrainingData, build_training_data
+from pipeline.data.training import TrainingData, build_training_data, order_streams
 from stages.plot_runs import PLOT_NAME, plot_runs
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class RunState:
     total_steps: int = 0
     steps_per_epoch: int = 0
     saved_step: int | None = None  # step of the newest checkpoint in the run folder
+    resume_streams: int | None = None  # stream count of the epoch that a resumed run continues
 
 
 def run_pretrain(config: PretrainConfig) -> dict:
@@ -106,7 +107,7 @@ def _run(config: PretrainConfig, info: DistInfo, device: torch.device) -> dict:
     schedule = _build_schedule(config, state, info)
     _write_run_files(run_dir, config, info)
     if resume_from is not None:
-        state.step = state.saved_step = _restore(resume_from, model, optimizer, config, info)
+        state.step = state.saved_step = _restore(resume_from, model, optimizer, config, info, state)
     if info.is_main:
         _truncate_metrics(run_dir, state.step)
 
@@ -245,7 +246,8 @@ def _build_schedule(config: PretrainConfig, state: RunState, info: DistInfo) -> 
     return Schedule(peak_lr=peak, min_lr=min(config.min_lr, peak), warmup_steps=warmup, total_steps=state.total_steps)
 
 
-def _restore(path: Path, model, optimizer, config: PretrainConfig, info: DistInfo) -> int:
+def _restore(path: Path, model, optimizer, config: PretrainConfig, info: DistInfo, state: RunState) -> int:
+    """Load the weights, optimizer and RNG state of a checkpoint; return its step."""
     payload = ckpt.load_checkpoint(path)
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
@@ -266,6 +268,8 @@ def _restore(path: Path, model, optimizer, config: PretrainConfig, info: DistInf
     rng = payload.get("rng", {}).get(info.rank)
     if rng is not None and saved_world == info.world_size:
         ckpt.set_rng_state(rng)
+    # the epoch in progress continues in the batch order of the worker count it started with
+    state.resume_streams = order_streams(payload["config"]["workers"])
     logger.info("resumed from %s at step %d", path, payload["step"])
     return int(payload["step"])
 
@@ -323,7 +327,7 @@ def _train(config, info, device, trained, model, optimizer, schedule, data, sett
     epoch = state.step // state.steps_per_epoch
     while state.step < state.total_steps:
         skip = state.step - epoch * state.steps_per_epoch
-        loader = data.loader(epoch, skip)
+        loader = data.loader(epoch, skip, state.resume_streams if skip else None)
         fetch_start = time.monotonic()
         for batch in _batches(loader):
             if state.step >= state.total_steps:

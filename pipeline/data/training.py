@@ -111,6 +111,9 @@ class TrainingData:
 
     def _loader(self, batches: BatchList) -> torch.utils.data.DataLoader:
         workers = self.config.workers
+        # Each iterator draws a base seed from this generator. With the global one, the draws of
+        # the loaders made between a checkpoint and the next step would shift the drop-path RNG
+        # of a resumed run. The datasets take no randomness from worker seeds.
         return torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=batches,
@@ -118,6 +121,7 @@ class TrainingData:
             collate_fn=passthrough,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers > 0 else None,
+            generator=torch.Generator(),
         )
 
     def to_device(self, batch: dict, device: torch.device, settings: StepSettings):

@@ -63,7 +63,7 @@ class RunState:
     total_steps: int = 0
     steps_per_epoch: int = 0
     saved_step: int | None = None  # step of the newest checkpoint in the run folder
-    resume_streams: int | None = None  # stream count of the epoch that a resumed run continues
+    order_streams: int = 1  # interleaved runs of batches per epoch, fixed for the whole run
 
 
 def run_pretrain(config: PretrainConfig) -> dict:
@@ -232,7 +232,9 @@ def _plan_steps(config: PretrainConfig, data: TrainingData, info: DistInfo) -> R
             "add data or lower --val-fraction"
         )
     total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
-    return RunState(step=0, total_steps=total, steps_per_epoch=steps_per_epoch)
+    return RunState(
+        step=0, total_steps=total, steps_per_epoch=steps_per_epoch, order_streams=order_streams(config.workers)
+    )
 
 
 def _build_schedule(config: PretrainConfig, state: RunState, info: DistInfo) -> Schedule:
@@ -268,8 +270,15 @@ def _restore(path: Path, model, optimizer, config: PretrainConfig, info: DistInf
     rng = payload.get("rng", {}).get(info.rank)
     if rng is not None and saved_world == info.world_size:
         ckpt.set_rng_state(rng)
-    # the epoch in progress continues in the batch order of the worker count it started with
-    state.resume_streams = order_streams(payload["config"]["workers"])
+    # the batch order depends on the stream count, so a resumed run keeps the one it started with
+    state.order_streams = int(payload.get("order_streams", order_streams(payload["config"]["workers"])))
+    if state.order_streams != order_streams(config.workers):
+        logger.warning(
+            "the batch order of this run has %d streams (its loader workers when it started) and --workers %d "
+            "differs: the order stays the same, but each worker reads the shards of several streams. "
+            "Use --workers %d to read each shard slice once per epoch",
+            state.order_streams, config.workers, state.order_streams,
+        )
     logger.info("resumed from %s at step %d", path, payload["step"])
     return int(payload["step"])
 
@@ -327,7 +336,7 @@ def _train(config, info, device, trained, model, optimizer, schedule, data, sett
     epoch = state.step // state.steps_per_epoch
     while state.step < state.total_steps:
         skip = state.step - epoch * state.steps_per_epoch
-        loader = data.loader(epoch, skip, state.resume_streams if skip else None)
+        loader = data.loader(epoch, skip, state.order_streams)
         fetch_start = time.monotonic()
         for batch in _batches(loader):
             if state.step >= state.total_steps:
@@ -531,6 +540,7 @@ def _save(run_dir: Path, model, optimizer, config, info: DistInfo, state: RunSta
         "step": state.step,
         "epoch": state.step // state.steps_per_epoch,
         "world_size": info.world_size,
+        "order_streams": state.order_streams,
         "rng": rng_states,
         "config": config_to_dict(config),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -47,7 +48,7 @@ RUN_SETTINGS = {
     "drop_path": 0.0,
     "val_fraction": 0.1,
     "log_every": 1,
-    "checkpoint_every": 3,
+    "checkpoint_every": 2,
     "device": "cpu",
     "seed": 0,
 }
@@ -90,7 +91,7 @@ def two_process_run(tmp_path_factory, cache_dir: Path) -> dict:
     """Run `pretrain` under torchrun with 2 processes of batch 2; return its folder and output."""
     root = tmp_path_factory.mktemp("ddp-run")
     preset = root / "two-processes.yaml"
-    preset.write_text(yaml.safe_dump({"pretrain": {**RUN_SETTINGS, "batch_size": 2, "workers": 1, "log_samples": True}}))
+    preset.write_text(yaml.safe_dump({"pretrain": {**RUN_SETTINGS, "batch_size": 2, "workers": 2, "log_samples": True}}))
     run_dir = root / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -146,7 +147,8 @@ def test_only_rank_zero_logs_and_writes(two_process_run: dict):
 
 
 def test_two_processes_match_one(two_process_run: dict, cache_dir: Path, tmp_path: Path):
-    single = PretrainConfig(out=str(tmp_path / "single"), cache=str(cache_dir), batch_size=4, workers=0, **RUN_SETTINGS)
+    # the same worker count, so the same batch order
+    single = PretrainConfig(out=str(tmp_path / "single"), cache=str(cache_dir), batch_size=4, workers=2, **RUN_SETTINGS)
     summary = run_pretrain(single)
 
     distributed = losses_by_step(two_process_run["run_dir"])
@@ -160,26 +162,30 @@ def test_two_processes_match_one(two_process_run: dict, cache_dir: Path, tmp_pat
     assert summary["loss"] == pytest.approx(alone[STEPS])
 
 
-def test_two_process_checkpoint_resumes_alone(two_process_run: dict, cache_dir: Path, tmp_path: Path):
+def test_two_process_checkpoint_resumes_alone(two_process_run: dict, cache_dir: Path, tmp_path: Path, caplog):
+    # step 2 is inside the first epoch (3 steps); the resumed run has no loader workers
     source = two_process_run["run_dir"]
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copyfile(source / "config.yaml", resumed_dir / "config.yaml")
-    shutil.copyfile(source / "checkpoint-00000003.pt", resumed_dir / "checkpoint-last.pt")
+    shutil.copyfile(source / "checkpoint-00000002.pt", resumed_dir / "checkpoint-last.pt")
 
     config = PretrainConfig(
         out=str(resumed_dir), cache=str(cache_dir), batch_size=4, workers=0, resume=True, **RUN_SETTINGS
     )
-    summary = run_pretrain(config)
+    with caplog.at_level(logging.WARNING, logger="stages.pretrain"):
+        summary = run_pretrain(config)
 
     distributed = losses_by_step(source)
     resumed = losses_by_step(resumed_dir)
     checkpoint = torch.load(resumed_dir / "checkpoint-last.pt", weights_only=True)
-    assert sorted(resumed) == [4, 5, 6]
-    np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [distributed[s] for s in (4, 5, 6)], rtol=1e-4)
+    assert sorted(resumed) == [3, 4, 5, 6]
+    np.testing.assert_allclose([resumed[s] for s in (3, 4, 5, 6)], [distributed[s] for s in (3, 4, 5, 6)], rtol=1e-4)
     assert summary["steps"] == STEPS
     assert checkpoint["step"] == STEPS
     assert checkpoint["world_size"] == 1
+    assert checkpoint["order_streams"] == 2
+    assert "has 2 streams" in caplog.text
 
 
 def _non_finite_worker(rank: int, port: int, out_dir: str) -> None:

@@ -1,0 +1,258 @@
+"""Stage-one efficiency: `cache-targets` views/s over the teacher's forward pass alone on tensors in memory.
+
+The cache side is a real `run_cache_targets` on copies of the bundled photos. Its rate is the
+views it stored over the seconds of its shard loop: loader, teacher, codec and shard writes,
+without the teacher build and the fidelity check. The other side runs the same teacher (random
+weights) on a batch already on the device. The decode rates per core render views with
+`pipeline.images` and `pipeline.views` in this process, with JPEG draft mode and without it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import pipeline.images
+from benchmarks.harness import (
+    PHOTOS,
+    BenchOptions,
+    Goal,
+    interleave,
+    logger,
+    measurement,
+    median,
+    rounded,
+    run_module,
+    setup_record,
+)
+from benchmarks.synthetic import photo_paths
+from benchmarks.training import TeacherForward
+from pipeline.cache_build import ShardWriterLoop
+from pipeline.config import CacheConfig
+from pipeline.data.teacher_views import TeacherViews
+from pipeline.images import load_image
+from pipeline.sources import open_source
+from pipeline.views import AugmentConfig, render_views, sample_view_params
+from stages.cache_targets import run_cache_targets
+
+NAME = "stage_one_efficiency"
+TITLE = "Stage-one efficiency"
+GOAL = Goal(">=", 0.9)
+DESCRIPTION = (
+    "`cache-targets` views/s divided by the views/s of the same teacher's forward pass on a batch already "
+    "in device memory. The cache-targets rate is the stored views over the seconds of its shard loop "
+    "(`ShardWriterLoop.run`: loader workers, teacher, codec and shard writes). Teacher "
+    "`clip_vit_base_patch16` with random weights, 224 px student views, fp16 codec, zarr format. The raw "
+    "figures add three rates per core: rendering one view (decode the full-size JPEG, crop, resize to the "
+    "student and teacher sizes, jitter) with JPEG draft mode and without it, and building a whole "
+    "stage-one item (the same plus JPEG encoding of the student view and the teacher view as a tensor)."
+)
+SINGLE_CORE_THREADS = 1
+
+
+@dataclass(frozen=True)
+class StageOneScale:
+    """Size of the stage-one benchmark."""
+
+    teacher: str
+    teacher_overrides: dict | None
+    img_size: int
+    images: int
+    views: int
+    batch_size: int
+    shard_size: int
+    workers: int
+    rounds: int
+    render_photos: int | None  # photos of the decode rates; None for all
+
+
+SCALES = {
+    "full": StageOneScale(
+        teacher="clip_vit_base_patch16", teacher_overrides=None, img_size=224, images=32, views=2,
+        batch_size=16, shard_size=16, workers=1, rounds=3, render_photos=None,
+    ),
+    "quick": StageOneScale(
+        teacher="clip_vit_base_patch16",
+        teacher_overrides={"width": 64, "layers": 2, "heads": 2, "patch_size": 16, "embed_dim": 32},
+        img_size=64, images=4, views=1, batch_size=4, shard_size=4, workers=0, rounds=1, render_photos=8,
+    ),
+}
+PATCH_SIZE = 16
+
+
+def copy_photos(folder: Path, count: int) -> Path:
+    """Copy the first `count` bundled photos into `folder` and return it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in photo_paths(PHOTOS, count):
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def cache_views_per_s(config: CacheConfig) -> float:
+    """Run `cache-targets` into a fresh folder and return stored views over its shard-loop seconds."""
+    out = Path(config.out)
+    if out.exists():
+        shutil.rmtree(out)
+    durations: list[float] = []
+    with timed_shard_loop(durations):
+        manifest = run_cache_targets(config)
+    shutil.rmtree(out)
+    return manifest["num_samples"] / sum(durations)
+
+
+@contextmanager
+def timed_shard_loop(durations: list[float]) -> Iterator[None]:
+    """Append the wall time of every `ShardWriterLoop.run` call in the block to `durations`.
+
+    The manifest's `last_run_seconds` times the same loop but keeps one decimal, too coarse for
+    a run of a few seconds.
+    """
+    original = ShardWriterLoop.run
+
+    def run(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            durations.append(time.perf_counter() - start)
+
+    ShardWriterLoop.run = run
+    try:
+        yield
+    finally:
+        ShardWriterLoop.run = original
+
+
+@contextmanager
+def full_size_decoding() -> Iterator[None]:
+    """Turn off JPEG draft mode in `pipeline.images` for the duration of the block."""
+    saved = pipeline.images.DRAFT_REDUCTIONS
+    pipeline.images.DRAFT_REDUCTIONS = (1,)
+    try:
+        yield
+    finally:
+        pipeline.images.DRAFT_REDUCTIONS = saved
+
+
+def render_per_s(encoded: list[tuple[str, bytes]], sizes: list[int], draft: bool) -> float:
+    """Render view 0 of every photo at `sizes` from its encoded bytes and return views/s."""
+    augment = AugmentConfig()
+    start = time.perf_counter()
+    with nullcontext() if draft else full_size_decoding():
+        for index, (name, data) in enumerate(encoded):
+            image = load_image(data, name)
+            params = sample_view_params(image.size, 0, index, 0, augment)
+            render_views(image, params, sizes, augment)
+    return len(encoded) / (time.perf_counter() - start)
+
+
+def stage_one_items_per_s(dataset: TeacherViews) -> float:
+    """Build every stage-one item of `dataset` (all views, JPEG-encoded student views) and return views/s."""
+    start = time.perf_counter()
+    for position in range(len(dataset)):
+        dataset[position]
+    return len(dataset) * len(dataset.view_indices) / (time.perf_counter() - start)
+
+
+def run(options: BenchOptions, workdir: Path) -> list[dict]:
+    scale = SCALES["quick" if options.quick else "full"]
+    photos = copy_photos(workdir / "photos", scale.images)
+    config = CacheConfig(
+        data=str(photos),
+        out=str(workdir / "cache"),
+        teacher=scale.teacher,
+        teacher_weights="random",
+        teacher_overrides=scale.teacher_overrides,
+        img_size=scale.img_size,
+        student_patch_size=PATCH_SIZE,
+        views=scale.views,
+        batch_size=scale.batch_size,
+        workers=scale.workers,
+        device=str(options.device),
+        shard_size=scale.shard_size,
+        fidelity_views=min(4, scale.images),
+    )
+    teacher = TeacherForward(
+        scale.teacher, scale.batch_size, scale.img_size, PATCH_SIZE, options.device, scale.teacher_overrides
+    )
+    forward_batches = -(-scale.images * scale.views // scale.batch_size)
+
+    sides = {
+        "cache-targets": lambda: cache_views_per_s(config),
+        "teacher forward": lambda: teacher.img_per_s(forward_batches, warmup_batches=1),
+    }
+    logger.info("stage_one_efficiency: %s, %d images x %d views", scale.teacher, scale.images, scale.views)
+    values = interleave(sides, scale.rounds, warmup_rounds=0)
+    cache_rate, teacher_rate = median(values["cache-targets"]), median(values["teacher forward"])
+
+    raw = {
+        "cache_targets_views_per_s": cache_rate,
+        "cache_targets_views_per_s_rounds": rounded(values["cache-targets"]),
+        "teacher_forward_views_per_s": teacher_rate,
+        "teacher_forward_views_per_s_rounds": rounded(values["teacher forward"]),
+        **decode_rates(scale, teacher.teacher.input_size),
+    }
+    setup = setup_record(
+        options,
+        teacher=scale.teacher,
+        teacher_weights="random",
+        teacher_overrides=scale.teacher_overrides,
+        teacher_input_size=teacher.teacher.input_size,
+        img_size=scale.img_size,
+        images=scale.images,
+        views=scale.views,
+        batch_size=scale.batch_size,
+        shard_size=scale.shard_size,
+        loader_workers=scale.workers,
+        codec="fp16",
+        format="zarr",
+        rounds=scale.rounds,
+        decode_threads=SINGLE_CORE_THREADS,
+    )
+    return [measurement(NAME, scale.teacher, cache_rate / teacher_rate, GOAL, raw, setup)]
+
+
+def decode_rates(scale: StageOneScale, teacher_size: int) -> dict[str, float]:
+    """Measure the per-core view rendering rates (draft, full size, whole item) over every bundled photo."""
+    encoded = [(path.name, path.read_bytes()) for path in photo_paths(PHOTOS, scale.render_photos)]
+    sizes = [scale.img_size, teacher_size]
+    source = open_source(PHOTOS)
+    count = len(encoded)
+    dataset = TeacherViews(
+        source, list(range(count)), 1, scale.img_size, teacher_size, AugmentConfig(), seed=0, jpeg_quality=95
+    )
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(SINGLE_CORE_THREADS)
+    try:
+        values = interleave(
+            {
+                "draft": lambda: render_per_s(encoded, sizes, draft=True),
+                "full size": lambda: render_per_s(encoded, sizes, draft=False),
+                "item": lambda: stage_one_items_per_s(dataset),
+            },
+            rounds=scale.rounds,
+            warmup_rounds=1,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "render_views_per_s_per_core_draft": median(values["draft"]),
+        "render_views_per_s_per_core_full_size": median(values["full size"]),
+        "stage_one_item_views_per_s_per_core": median(values["item"]),
+        "render_photos": count,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    return run_module(__doc__.splitlines()[0], run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,15 +5,17 @@ arrive as lists of (epoch, view, sample id). A worker reads the shard view slice
 whole chunks, keeps at most `shards_in_memory` of them, and decodes only the samples of its
 batch.
 
-The epoch order (`pipeline.data.order`) visits the shards in windows of `SHARD_WINDOW`, so a
-worker that keeps one window of slices reads each slice once per epoch. Within a window every
-slice stays cached, and a batch that reaches the next window uses its cached slices before new
-reads evict the least recently used ones. Memory per worker is therefore one window of view
-slices, whatever the size of the cache.
+The epoch order (`pipeline.data.order`) visits the shards in windows of `SHARD_WINDOW` and
+gives each DataLoader worker its own run of consecutive batches, so a worker that keeps one
+window of slices reads each slice once per epoch. Within a window every slice stays cached, and
+a batch that reaches the next window uses its cached slices before new reads evict the least
+recently used ones. Memory per worker is therefore one window of view slices, whatever the size
+of the cache.
 
 NOTE: every rank reads the whole view slice of each shard it touches and keeps its own part of
-each global batch, so storage reads grow with the number of ranks (the page cache absorbs this
-on one node). JPEG and target decoding, the CPU cost, is not repeated.
+each global batch, so storage reads grow with the number of ranks. The ranks move through the
+same windows in step, so on one node the page cache serves most repeats. JPEG and target
+decoding, the CPU cost, is not repeated.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ online), and a group is read in whole chunks. One epoch's order is a pure functi
 5. the loader interleaves the batches in `streams` runs (`interleave_streams`), one per
    DataLoader worker, so that each worker reads the shards of its own windows.
 
-Every sample appears exactly once per epoch, every rank gets the same number of batches, no
-batch is empty, and the union of the ranks' batches k is the single-process batch k, for any
-number of processes with the same stream count. A last global batch with fewer samples than
+Every sample appears exactly once per epoch, every rank gets the same number of batches, and
+no batch is empty. With the same stream count, the union of the ranks' batches k is the
+single-process batch k for any number of processes. A last global batch with fewer samples than
 ranks cannot give every rank a sample, so those few samples join the previous batch instead.
 """
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 ORDER_STREAM = 0x4F524452
-# Groups per window. A cache reader that keeps this many shard view slices per worker reads each
-# slice once per epoch (see CachedViews), so it also bounds the loader's memory.
+# Groups per window. CachedViews keeps this many shard view slices per worker, which is enough to
+# read each slice once per epoch and bounds the loader's memory.
 SHARD_WINDOW = 4
 
 

@@ -42,7 +42,7 @@ def passthrough(batch):
 class BatchList(torch.utils.data.Sampler):
     """Batches of one epoch and view, given as sample id arrays and yielded as (epoch, view, sample id) lists.
 
-    The items of a batch are built when the DataLoader asks for it, so an epoch of the whole
+    The items of a batch are built when the DataLoader requests it, so an epoch of the whole
     cache costs one int64 per sample here instead of one Python tuple.
     """
 

@@ -26,6 +26,7 @@ from pipeline.provenance import git_revision
 
 BENCHMARKS = ("loader", "cached_efficiency", "offline_vs_online", "stage_one_efficiency", "memory")
 DOC = REPO / "docs" / "benchmarks.md"
+CODEC_DOC = REPO / "docs" / "codecs.md"
 ERROR_TAIL_LINES = 20
 
 
@@ -36,6 +37,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto).")
     parser.add_argument("--doc", type=Path, default=DOC, help=f"Page to rewrite (default: {DOC.relative_to(REPO)}).")
     parser.add_argument("--jsonl", type=Path, help="Also write every JSON line to this file.")
+    parser.add_argument(
+        "--codec-table",
+        action="store_true",
+        help=f"Also run benchmarks.codec_table, which rewrites {CODEC_DOC.relative_to(REPO)} (several minutes).",
+    )
     return parser.parse_args(argv)
 
 
@@ -83,6 +89,17 @@ def run_benchmark(name: str, quick: bool, device: str) -> BenchmarkResult:
     return result
 
 
+def run_codec_table(quick: bool) -> int:
+    """Run the codec table (on CPU) in a subprocess; at full scale it rewrites its own page. Return its exit code."""
+    command = [sys.executable, "-m", "benchmarks.codec_table"]
+    command += ["--quick"] if quick else ["--doc", str(CODEC_DOC)]
+    logger.info("running %s", " ".join(["python", *command[1:]]))
+    returncode = subprocess.run(command, cwd=REPO).returncode
+    if returncode != 0:
+        logger.error("codec_table failed with exit code %d", returncode)
+    return returncode
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     args = parse_args(argv)
@@ -106,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("wrote %s", args.doc)
 
     failed = [result.name for result in results if result.returncode != 0]
+    if args.codec_table and run_codec_table(args.quick) != 0:
+        failed.append("codec_table")
     if failed:
         logger.error("failed benchmarks: %s", ", ".join(failed))
         return 1

@@ -1,4 +1,4 @@
-"""Benchmarks at their quick size: each prints JSON lines with the agreed fields; the page renders them."""
+"""Benchmarks at their quick size: each prints JSON lines with the fields run_all reads; the page renders them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import cached_efficiency, loader, memory, offline_vs_online, stage_one_efficiency
+from benchmarks import cached_efficiency, loader, memory, offline_vs_online, run_all, stage_one_efficiency
 from benchmarks.harness import Goal, interleave
 from benchmarks.report import BenchmarkResult, render_markdown
 
@@ -172,3 +172,20 @@ def test_page_states_failures_and_machine():
     assert "GPU numbers were not measured" in page
     assert "Command: `python -m benchmarks.run_all`" in page
     assert "- fp16, pca-64: device: cpu" in page
+
+
+def test_run_all_writes_page(tmp_path: Path, capsys):
+    page_path, jsonl_path = tmp_path / "benchmarks.md", tmp_path / "records.jsonl"
+    returncode = run_all.main(["--quick", "--only", "loader", "--device", "cpu", "--doc", str(page_path),
+                               "--jsonl", str(jsonl_path)])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    stored = [json.loads(line) for line in jsonl_path.read_text().splitlines()]
+    page = page_path.read_text()
+
+    assert returncode == 0
+    assert [record["case"] for record in printed] == list(loader.CODECS)
+    assert stored == printed
+    assert "## Loader throughput per core (`loader`)" in page
+    assert "Command: `python -m benchmarks.loader --device cpu --quick`" in page
+    assert "| loader | fp16 |" in page
+    assert "Scale: `--quick`" in page

@@ -60,15 +60,29 @@ def read_torchrun_env() -> DistInfo:
 
 
 def resolve_device(requested: str, info: DistInfo) -> torch.device:
-    """Map "auto", "cpu", "cuda" or "cuda:N" to a device; torchrun ranks get their local GPU."""
+    """Map "auto", "cpu", "cuda" or "cuda:N" to a device; torchrun ranks get GPU LOCAL_RANK."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {requested} was requested but CUDA is not available; pass --device cpu")
-        if requested == "cuda":
-            return torch.device("cuda", info.local_rank % torch.cuda.device_count())
-    return torch.device(requested)
+    if not requested.startswith("cuda"):
+        return torch.device(requested)
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {requested} was requested but CUDA is not available; pass --device cpu")
+    if requested != "cuda":
+        if info.enabled:
+            raise UsageError(
+                f"--device {requested} would put all {info.world_size} torchrun processes on one GPU; "
+                "pass --device cuda so that each process uses GPU LOCAL_RANK (select GPUs with CUDA_VISIBLE_DEVICES)"
+            )
+        return torch.device(requested)
+
+    count = torch.cuda.device_count()
+    if info.local_rank >= count:
+        raise UsageError(
+            f"torchrun process with LOCAL_RANK {info.local_rank} has no GPU of its own: {count} GPUs are visible; "
+            f"pass --nproc_per_node {count} or fewer"
+        )
+    return torch.device("cuda", info.local_rank)
 
 
 def bind_device(device: torch.device) -> None:

@@ -23,7 +23,9 @@ from pipeline.cache import CacheReader
 from pipeline.config import CacheConfig, PretrainConfig
 from pipeline.data.sample_log import read_sample_log
 from pipeline.data.training import split_validation
+from pipeline.distributed import TORCHRUN_VARIABLES, DistInfo, read_torchrun_env, resolve_device
 from pipeline.engine import MaskDistillModel, NonFiniteLossError, StepSettings, train_step
+from pipeline.errors import UsageError
 from pipeline.heads import build_head
 from pipeline.students import build_student
 from stages.cache_targets import run_cache_targets
@@ -227,3 +229,44 @@ def test_non_finite_step_stops_every_rank(tmp_path: Path):
     assert alive == []
     assert json.loads((tmp_path / "rank0.json").read_text()) == {"raised_at": 1}
     assert json.loads((tmp_path / "rank1.json").read_text()) == {"raised_at": 1}
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """Pretend that CUDA is available with 2 GPUs, for the device choice only."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def test_device_follows_local_rank(two_gpus):
+    info = DistInfo(rank=3, local_rank=1, world_size=4)
+    assert resolve_device("cuda", info) == torch.device("cuda", 1)
+    assert resolve_device("auto", info) == torch.device("cuda", 1)
+    assert resolve_device("cuda:1", DistInfo()) == torch.device("cuda", 1)
+
+
+def test_device_rejects_one_gpu_for_all_ranks(two_gpus):
+    with pytest.raises(UsageError, match="--device cuda so that each process"):
+        resolve_device("cuda:0", DistInfo(rank=1, local_rank=1, world_size=2))
+
+
+def test_device_rejects_rank_without_gpu(two_gpus):
+    with pytest.raises(UsageError, match="LOCAL_RANK 2 has no GPU"):
+        resolve_device("cuda", DistInfo(rank=2, local_rank=2, world_size=3))
+
+
+def test_device_auto_without_cuda_is_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", DistInfo(rank=1, local_rank=1, world_size=2)) == torch.device("cpu")
+    with pytest.raises(UsageError, match="--device cpu"):
+        resolve_device("cuda", DistInfo())
+
+
+def test_torchrun_env_incomplete_is_rejected(monkeypatch):
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert read_torchrun_env() == DistInfo()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set"):
+        read_torchrun_env()

@@ -226,10 +226,11 @@ def _check_same_run(saved: dict, config: PretrainConfig, path: Path) -> None:
 
 def _plan_steps(config: PretrainConfig, data: TrainingData, info: DistInfo) -> RunState:
     steps_per_epoch = batches_per_epoch(len(data.train_ids), config.batch_size, info.world_size)
-    if steps_per_epoch == 0:
+    # A global batch larger than the training set would make every step one short batch of it all.
+    if steps_per_epoch == 0 or len(data.train_ids) < config.batch_size * info.world_size:
         raise UsageError(
-            f"{len(data.train_ids)} training samples cannot fill a batch on {info.world_size} processes; "
-            "add data or lower --val-fraction"
+            f"{len(data.train_ids)} training samples cannot fill a batch of --batch-size {config.batch_size} "
+            f"on {info.world_size} processes: lower --batch-size, add data or lower --val-fraction"
         )
     total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     return RunState(

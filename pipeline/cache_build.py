@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.atomic import atomic_write_json
+from pipeline.atomic import atomic_write_json, naming_disk_full
 from pipeline.cache import CacheWriter, ShardData, ShardRecord, shard_name
 from pipeline.cache.manifest import done_record_path, read_json
 from pipeline.cache.wds_store import read_wds_view, tar_name
@@ -211,7 +211,9 @@ class ShardWriterLoop:
         atomic_write_json(
             skipped_path(Path(config.out), shard_id), [{"source": s, "reason": r} for s, r in shard_skipped]
         )
-        return self.writer.write_shard(shard_id, data, image_range, num_images=len(items))
+        # zarr's writes raise a disk-full OSError without a file name
+        with naming_disk_full(self.writer.shards_dir / shard_name(shard_id)):
+            return self.writer.write_shard(shard_id, data, image_range, num_images=len(items))
 
     def _check_bad_at_index(self) -> None:
         """Stop before the teacher pass when indexing already found too many broken inputs, or any with --strict."""

@@ -59,7 +59,8 @@ PRETRAIN_PRESET = {
 # The harness runs `cli.main()` with the arguments after the first. The first, KIND:NAME:NTH,
 # makes the NTH atomic write of a file whose name contains NAME fail. KIND is kill-write (write
 # half, then SIGKILL), kill-rename (SIGKILL once the temp file is complete, before the rename),
-# enospc or eio (write half, then raise OSError with that errno).
+# enospc or eio (write half, then raise OSError with that errno). enospc-zarr fails the NTH chunk
+# or metadata write of zarr whose path contains NAME.
 HARNESS = textwrap.dedent(
     """
     import builtins, errno, os, signal, sys
@@ -68,10 +69,11 @@ HARNESS = textwrap.dedent(
     import torch
     torch.set_num_threads(2)
     import pipeline.atomic as atomic
+    import zarr.storage._local as zarr_local
 
     kind, name, nth = sys.argv[1].split(":")
     seen = 0
-    real_open, real_replace = builtins.open, os.replace
+    real_open, real_replace, real_put = builtins.open, os.replace, zarr_local._put
 
 
     class FailingFile:
@@ -99,7 +101,7 @@ HARNESS = textwrap.dedent(
 
     def chosen(path):
         global seen
-        if name not in os.path.basename(path):
+        if name not in (str(path) if kind == "enospc-zarr" else os.path.basename(path)):
             return False
         seen += 1
         return seen == int(nth)
@@ -107,7 +109,7 @@ HARNESS = textwrap.dedent(
 
     def hooked_open(path, mode="r", *args, **kwargs):
         file = real_open(path, mode, *args, **kwargs)
-        if kind != "kill-rename" and chosen(path):
+        if kind not in ("kill-rename", "enospc-zarr") and chosen(path):
             return FailingFile(file)
         return file
 
@@ -118,7 +120,14 @@ HARNESS = textwrap.dedent(
         return real_replace(source, destination)
 
 
+    def hooked_put(path, value, exclusive=False):
+        if kind == "enospc-zarr" and chosen(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_put(path, value, exclusive=exclusive)
+
+
     atomic.open = hooked_open
+    zarr_local._put = hooked_put
     os.replace = hooked_replace
     sys.argv = ["maskdistill", *sys.argv[2:]]
     import cli
@@ -348,8 +357,10 @@ def test_disk_full_checkpoint_then_resume(tmp_path: Path, preset: Path, cache: P
     assert read_losses(run_dir) == straight_losses
 
 
-@pytest.mark.parametrize("name", ["manifest.json:2", "shard_000001.done.json:1"])
-def test_disk_full_cache_then_rerun(tmp_path: Path, photos: Path, teacher_file: Path, cache: Path, name: str):
+@pytest.mark.parametrize(
+    "hook", ["enospc:manifest.json:2", "enospc:shard_000001.done.json:1", "enospc-zarr:shard_000001:3"]
+)
+def test_disk_full_cache_then_rerun(tmp_path: Path, photos: Path, teacher_file: Path, cache: Path, hook: str):
     out = tmp_path / "cache"
     preset = tmp_path / "cache.yaml"
     settings = {"teacher_overrides": tiny_overrides(), "img_size": IMG_SIZE, "views": 2, "batch_size": 8,
@@ -358,12 +369,12 @@ def test_disk_full_cache_then_rerun(tmp_path: Path, photos: Path, teacher_file: 
     arguments = ["cache-targets", "--config", str(preset), "--data", str(photos), "--out", str(out),
                  "--teacher", TEACHER, "--teacher-weights", str(teacher_file)]
 
-    full = run_harness(f"enospc:{name}", arguments, tmp_path)
+    full = run_harness(hook, arguments, tmp_path)
     lines = full.stderr.strip().splitlines()
 
     assert full.returncode == 2
     assert lines[-1].startswith("error: no space left on device while writing ")
-    assert name.split(":")[0] in lines[-1]
+    assert hook.split(":")[1] in lines[-1]
     assert "Traceback" not in full.stderr
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
 

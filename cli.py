@@ -138,6 +138,7 @@ def pretrain(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the model with torch.compile. [default: no-compile]"),
     gpu_decode: Optional[bool] = typer.Option(None, "--gpu-decode/--no-gpu-decode", help="Decode JPEG views on the GPU (CUDA only). [default: no-gpu-decode]"),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out from its last checkpoint."),
+    log_samples: Optional[bool] = typer.Option(None, "--log-samples/--no-log-samples", help="Write the image indices of every step, one file per process, to RUN/samples/rank<r>.jsonl for auditing. [default: no-log-samples]"),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
 ) -> None:
     """Stage two: train the masked student from a cache, or with the teacher online."""
@@ -151,7 +152,7 @@ def pretrain(
         mask_ratio=mask_ratio, min_mask_block=min_mask_block, loss=loss, smooth_l1_beta=smooth_l1_beta,
         target_norm=target_norm, drop_path=drop_path, val_fraction=val_fraction,
         checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, workers=workers, device=device,
-        compile=compile, gpu_decode=gpu_decode, resume=resume,
+        compile=compile, gpu_decode=gpu_decode, resume=resume, log_samples=log_samples,
     )
     summary = run_pretrain(_config(PretrainConfig, "pretrain", config, options))
     if summary and _rank() == 0:

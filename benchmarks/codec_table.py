@@ -162,11 +162,13 @@ def feature_statistics(teacher: MemoizedTeacher) -> dict:
     """Describe the distribution of the teacher's targets kept so far, after per-patch LayerNorm.
 
     Returns the share of variance that the top 64 and 128 principal components hold, the largest
-    channel standard deviation over the median one (large for outlier channels), and the mean
-    excess kurtosis of the channels (0 for Gaussian values).
+    channel standard deviation over the median one (large for outlier channels), the mean
+    excess kurtosis of the channels (0 for Gaussian values), and the fraction of flat patches,
+    whose values are all equal, so that LayerNorm turns them into zeros.
     """
     targets = normalize_targets(torch.stack(list(teacher.outputs.values())))
     patches = targets.reshape(-1, targets.shape[-1]).double()
+    flat = (patches == 0).all(dim=1)
     centered = patches - patches.mean(dim=0)
 
     variance = torch.linalg.svdvals(centered) ** 2
@@ -178,6 +180,7 @@ def feature_statistics(teacher: MemoizedTeacher) -> dict:
         "pca_128_variance": round(float(explained[min(128, len(explained)) - 1]), 4),
         "max_over_median_channel_std": round(float(std.max() / std.median()), 2),
         "mean_excess_kurtosis": round(float(kurtosis.mean()), 2),
+        "flat_patch_fraction": round(float(flat.double().mean()), 4),
     }
 
 
@@ -319,6 +322,15 @@ def _teacher_table(teacher: str, rows: list[dict]) -> list[str]:
         f"and 128 principal components hold {features['pca_64_variance']:.1%} and {features['pca_128_variance']:.1%}"
         f" of the variance, the largest channel standard deviation is {features['max_over_median_channel_std']:g}"
         f" times the median one, and the mean excess kurtosis is {features['mean_excess_kurtosis']:g}.",
+    ]
+    if features["flat_patch_fraction"] > 0:
+        lines += [
+            f"{features['flat_patch_fraction']:.1%} of the patches of the {first['images']} views are flat (one value",
+            "throughout, such as a clipped highlight), so LayerNorm turns them into zeros. A codec that does not",
+            "reproduce such a patch exactly has cosine 0 there, which pulls its cosine p1 to 0 once flat patches",
+            "make up more than 1% of the patches compared.",
+        ]
+    lines += [
         "",
         "| codec | targets B/view | total B/view | cosine mean | cosine p1 | rel. MSE | seconds |",
         "|---|---:|---:|---:|---:|---:|---:|",

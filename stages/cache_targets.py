@@ -109,8 +109,10 @@ def _write_cache(job: ShardJob, writer: CacheWriter, ranges: list[tuple[int, int
         len(job.source), len(ranges), len(finished), len(mine),
     )
 
-    started = time.monotonic()
     skipped_before = len(job.bad_at_index()) + len(read_skipped(Path(config.out), sorted(finished)))
+    barrier()  # every rank counts the same finished shards before any rank writes one
+
+    started = time.monotonic()
     loop = ShardWriterLoop(job, writer, enabled_progress=info.is_main, skipped_before=skipped_before)
     loop.run(mine, ranges)
     barrier()

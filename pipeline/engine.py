@@ -108,9 +108,9 @@ def train_step(
 ) -> tuple[float, float]:
     """Run forward, backward and the optimizer update; return (loss, gradient norm).
 
-    `step` is the number of steps already taken. The finiteness check uses the gradient norm,
-    which DDP makes identical on every rank, so all ranks raise together instead of leaving the
-    others waiting in a collective. Raises NonFiniteLossError before the optimizer update.
+    `step` is the number of steps already taken. Under DDP the finiteness of the local loss is
+    all-reduced with the gradient norm, so every rank raises at the same step instead of leaving
+    the others waiting in a collective. Raises NonFiniteLossError before the optimizer update.
     """
     loss = compute_loss(model, images, targets, mask, settings)
     optimizer.zero_grad(set_to_none=True)
@@ -122,7 +122,8 @@ def train_step(
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in parameters])).item()
     loss_value = loss.item()
-    if not (math.isfinite(grad_norm) and math.isfinite(loss_value)):
+    finite = _all_ranks_finite(math.isfinite(grad_norm) and math.isfinite(loss_value), loss.device)
+    if not finite:
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(
             f"non-finite loss at step {step + 1} (loss {loss_value}, gradient norm {grad_norm}); "
@@ -132,3 +133,12 @@ def train_step(
 
     optimizer.step()
     return loss_value, grad_norm
+
+
+def _all_ranks_finite(local: bool, device: torch.device) -> bool:
+    """True when `local` is True on every rank (a plain bool outside a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local
+    flag = torch.tensor([0.0 if local else 1.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0

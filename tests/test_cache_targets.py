@@ -325,3 +325,14 @@ def test_inspect_prints_fidelity_and_bytes(codec_caches: dict[str, dict]):
     assert f"{fidelity['cosine_p1']:.5f}" in text
     assert f"{fidelity['relative_mse']:.2e}" in text
     assert f"{manifest['bytes_per_view']['total'] / 1024:.1f} KiB" in text
+
+
+def test_random_teacher_caches_identical(tmp_path: Path, photos: Path, teacher_file: Path):
+    """Two runs with --teacher-weights random write the same targets, so such a cache can resume."""
+    manifests = []
+    for name in ("first", "second"):
+        config = cache_config(photos, tmp_path / name, teacher_file, teacher_weights="random", views=1)
+        manifests.append(run_cache_targets(config))
+    first, second = manifests
+    assert first["settings"]["teacher"]["random_weights"] is True
+    assert [shard["files"] for shard in second["shards"]] == [shard["files"] for shard in first["shards"]]

@@ -55,8 +55,8 @@ def build_teacher(
     """Build the frozen teacher `name` with the student's patch grid, on `device`.
 
     weights: None loads the published tag of the teacher, from the Hugging Face cache or
-    downloaded. "random" initializes randomly and logs a warning, because the targets are then
-    not CLIP features. Any other value is the path of a local open_clip checkpoint. The SHA-256
+    downloaded. "random" initializes randomly from a fixed seed, the same weights in every
+    process and run, and logs a warning, because the targets are then not CLIP features. Any other value is the path of a local open_clip checkpoint. The SHA-256
     of the loaded checkpoint is recorded in `teacher.weights`.
 
     overrides: for tests, a tiny image tower built by the same open_clip code; the keys are

@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 # head_width to width // heads. "embed_dim" is the output size of the tower's projection.
 OVERRIDE_KEYS = ("width", "layers", "heads", "patch_size", "mlp_ratio", "embed_dim")
 
+# Seed of `--teacher-weights random`: a killed cache-targets run resumes, and every torchrun rank
+# writes its shards, with the same random teacher.
+RANDOM_INIT_SEED = 0
+
 
 class ClipTeacher(Teacher):
     """A frozen open_clip image tower whose targets are the last block's patch tokens."""
@@ -174,6 +178,23 @@ def build_visual(embed_dim: int, vision_cfg: dict, quick_gelu: bool) -> VisionTr
     return _build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
 
 
+def build_random_visual(
+    embed_dim: int, vision_cfg: dict, quick_gelu: bool, device: str | torch.device
+) -> VisionTransformer:
+    """Build an open_clip image tower initialized from the fixed seed `RANDOM_INIT_SEED`.
+
+    The weights are drawn by the CPU generator, so every process, device and resumed run builds
+    the same random teacher, and the caller's random state is left as it was. On the meta device
+    nothing is drawn.
+    """
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return build_visual(embed_dim, vision_cfg, quick_gelu)
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.random.default_generator.manual_seed(RANDOM_INIT_SEED)
+        return build_visual(embed_dim, vision_cfg, quick_gelu)
+
+
 def load_visual_weights(visual: VisionTransformer, checkpoint: Path, teacher_name: str) -> None:
     """Load the image tower of an open_clip checkpoint into `visual`, as float32.
 
@@ -259,8 +280,7 @@ def build_clip_teacher(
             "teacher %s uses RANDOM weights: its targets are not CLIP features, use this only for tests",
             spec.name,
         )
-        with torch.device(device):
-            visual = build_visual(embed_dim, vision_cfg, spec.quick_gelu)
+        visual = build_random_visual(embed_dim, vision_cfg, spec.quick_gelu, device)
         teacher = ClipTeacher(spec, visual, input_size, WeightsInfo(RANDOM_WEIGHTS, None))
         return teacher.to(device).freeze()
 

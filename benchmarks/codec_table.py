@@ -271,7 +271,8 @@ def format_doc(rows: list[dict], setup: dict, command: str, scale: TableScale) -
         "",
         f"Setup: the first {scale.images} photos of `data/imagenet-sample-64`, one view per image at "
         f"{scale.img_size} px, seed 0, zarr format, one shard. CPU: {setup['cpu']}, {setup['cpu_count']} cores "
-        f"visible, torch {setup['torch']} with {setup['torch_threads']} threads, {setup['date']}. The seconds are "
+        f"visible, torch {setup['torch']} with {setup['torch_threads']} threads, {setup['date']}. Random teacher "
+        "weights come from a fixed seed, so a rerun reproduces the targets and the fidelity. The seconds are "
         "wall-clock time, so other load on the machine slows them.",
         "",
         "Columns:",

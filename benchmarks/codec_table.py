@@ -37,7 +37,6 @@ from pipeline.data.teacher_views import TeacherViews, collate_views
 from pipeline.sources import open_source
 from pipeline.targets import normalize_targets
 from pipeline.teachers import build_teacher
-from pipeline.views import AugmentConfig
 from stages.cache_targets import run_cache_targets
 
 logger = logging.getLogger("benchmarks.codec_table")

@@ -36,7 +36,8 @@ DESCRIPTION = (
     "`pretrain --cache` img/s (read from its metrics.jsonl, warm-up steps left out) divided by the img/s "
     "of `pipeline.engine.train_step` of the same student, head and optimizer on one batch already in "
     "device memory. The cache is a synthetic fp16 cache with real 224 px JPEG views of the bundled "
-    "photos and 196 x 768 targets. Trainer runs and bare steps alternate, round after round."
+    "photos and 196 x 768 targets. Trainer runs and bare steps alternate, round after round. On a machine "
+    "without a GPU the loader worker shares the CPU cores with the step, which the bare step does not."
 )
 
 

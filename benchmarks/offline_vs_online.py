@@ -39,7 +39,9 @@ DESCRIPTION = (
     "size), same student and batch, both read from the trainer's metrics.jsonl without the warm-up "
     "steps. The cache is a synthetic fp16 cache with real 224 px JPEG views and the teacher's grid and "
     "width; the online run renders views of the bundled photos. The ideal ratio is (teacher forward + "
-    "student step) / student step, timed on tensors in memory in the same rounds. Goal: ratio >= 0.95 x ideal."
+    "student step) / student step, timed on tensors in memory in the same rounds. Goal: ratio >= 0.95 x ideal. "
+    "On a machine without a GPU the loader workers of both runs share the CPU cores with the models, which "
+    "the ideal ratio leaves out."
 )
 
 TINY_STUDENT = {"embed_dim": 64, "depth": 2, "num_heads": 2}

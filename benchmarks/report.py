@@ -41,6 +41,7 @@ def machine_description() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "gpus": _gpu_names(),
+        "load_average": round(os.getloadavg()[0], 2),
     }
 
 
@@ -91,8 +92,8 @@ def render_markdown(
         "",
         "## Summary",
         "",
-        "| benchmark | case | ratio | goal | result |",
-        "|---|---|---|---|---|",
+        "| benchmark | case | ratio | goal | result | spread |",
+        "|---|---|---|---|---|---|",
     ]
     for result in results:
         lines.extend(_summary_rows(result))
@@ -115,6 +116,12 @@ def _run_section(results, machine, command, date, revision, quick) -> list[str]:
         f"- Software: Python {machine['python']}, torch {machine['torch']}, {machine['os']}",
         f"- Devices measured: {', '.join(devices) or 'none'}",
     ]
+    if "load_average_start" in machine:
+        lines.append(
+            f"- CPU load (1-minute load average of all processes): {machine['load_average_start']} at the start, "
+            f"{machine['load_average']} at the end. Other work on the same cores slows both sides of a ratio, "
+            "but adds noise: the spread column is the largest max/min over the rounds of one side."
+        )
     if devices and all(device == "cpu" for device in devices):
         lines.append(
             "- Every figure below was measured on CPU. GPU numbers were not measured because this machine "
@@ -128,12 +135,22 @@ def _run_section(results, machine, command, date, revision, quick) -> list[str]:
 
 def _summary_rows(result: BenchmarkResult) -> list[str]:
     if result.returncode != 0:
-        return [f"| {result.name} | - | - | - | failed (exit code {result.returncode}) |"]
+        return [f"| {result.name} | - | - | - | failed (exit code {result.returncode}) | - |"]
     return [
         f"| {result.name} | {record['case']} | {_number(record['ratio'])} | {_goal(record['goal'])} | "
-        f"{_verdict(record)} |"
+        f"{_verdict(record)} | {_round_spread(record)} |"
         for record in result.records
     ]
+
+
+def _round_spread(record: dict) -> str:
+    """Return the largest max/min over the per-round series of the raw figures, or "-" without any."""
+    spreads = [
+        max(values) / min(values)
+        for key, values in record["raw"].items()
+        if key.endswith("_rounds") and values and min(values) > 0
+    ]
+    return f"{max(spreads):.2f}" if spreads else "-"
 
 
 def _benchmark_section(result: BenchmarkResult) -> list[str]:
@@ -143,11 +160,11 @@ def _benchmark_section(result: BenchmarkResult) -> list[str]:
         lines.extend(["", f"**The benchmark failed** with exit code {result.returncode}:", "", "```", result.error, "```"])
         return lines
 
-    lines.extend(["", "| case | ratio | goal | result | raw figures |", "|---|---|---|---|---|"])
+    lines.extend(["", "| case | ratio | goal | result | spread | raw figures |", "|---|---|---|---|---|---|"])
     for record in result.records:
         lines.append(
             f"| {record['case']} | {_number(record['ratio'])} | {_goal(record['goal'])} | {_verdict(record)} | "
-            f"{_figures(record['raw'])} |"
+            f"{_round_spread(record)} | {_figures(record['raw'])} |"
         )
 
     lines.extend(["", *_verdict_sentences(result.records), "", "Setup:", ""])
@@ -192,7 +209,7 @@ def _goal(goal: dict) -> str:
 
 
 def _figures(values: dict) -> str:
-    return "; ".join(f"{key}: {_value(value)}" for key, value in values.items())
+    return "; ".join(f"{key}: {_value(value)}" for key, value in values.items() if value is not None)
 
 
 def _value(value: Any) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     names = args.only or BENCHMARKS
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load_average_start = round(os.getloadavg()[0], 2)
 
     results = []
     for name in names:
@@ -117,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.jsonl.write_text("".join(json.dumps(record) + "\n" for result in results for record in result.records))
 
     command = shlex.join(["python", "-m", "benchmarks.run_all", *(argv if argv is not None else sys.argv[1:])])
-    page = render_markdown(results, machine_description(), command, date, git_revision(REPO), args.quick)
+    machine = {**machine_description(), "load_average_start": load_average_start}
+    page = render_markdown(results, machine, command, date, git_revision(REPO), args.quick)
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text(page)
     logger.info("wrote %s", args.doc)

@@ -147,14 +147,15 @@ def sample_record(case: str, ratio: float, passed: bool) -> dict:
         "ratio": ratio,
         "goal": {"op": ">=", "value": 800.0},
         "passed": passed,
-        "raw": {"samples_per_s": ratio, "jpeg_decode_per_s": 2100.0},
+        "raw": {"samples_per_s": ratio, "samples_per_s_rounds": [ratio, 1.25 * ratio], "jpeg_decode_per_s": 2100.0},
         "setup": {"device": "cpu", "threads": 1, "torch": "2.x", "codec": case},
     }
 
 
 def test_page_states_failures_and_machine():
     machine = {"cpu": "Test CPU", "logical_cores": 2, "usable_cores": 2, "memory_gib": 8.0,
-               "os": "Linux", "python": "3.11", "torch": "2.x", "gpus": []}
+               "os": "Linux", "python": "3.11", "torch": "2.x", "gpus": [], "load_average": 3.5,
+               "load_average_start": 1.25}
     results = [
         BenchmarkResult("loader", "Loader throughput per core", "What it measures.", "python -m benchmarks.loader",
                         records=[sample_record("fp16", 912.0, True), sample_record("pca-64", 640.4, False)]),
@@ -163,12 +164,13 @@ def test_page_states_failures_and_machine():
     ]
     page = render_markdown(results, machine, "python -m benchmarks.run_all", "2026-01-01 00:00 UTC", "abc123", False)
 
-    assert "| loader | fp16 | 912 | >= 800 | pass |" in page
-    assert "| loader | pca-64 | 640 | >= 800 | **fail** |" in page
+    assert "| loader | fp16 | 912 | >= 800 | pass | 1.25 |" in page
+    assert "| loader | pca-64 | 640 | >= 800 | **fail** | 1.25 |" in page
     assert "- pca-64: measured 640, goal >= 800." in page
-    assert "| memory | - | - | - | failed (exit code 1) |" in page
+    assert "| memory | - | - | - | failed (exit code 1) | - |" in page
     assert "Traceback: boom" in page
     assert "Test CPU, 2 usable of 2 logical cores" in page
+    assert "1.25 at the start, 3.5 at the end" in page
     assert "GPU numbers were not measured" in page
     assert "Command: `python -m benchmarks.run_all`" in page
     assert "- fp16, pca-64: device: cpu" in page

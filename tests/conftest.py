@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_runs import REPO, copy_photos, sample_photos
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE_DIR = REPO / "data" / "imagenet-sample-64"
 CIFAR_SHARD = REPO / "data" / "cifar10-test-1k" / "cifar10-test-000000.tar"
 
 torch.set_num_threads(2)
@@ -19,14 +17,11 @@ torch.set_num_threads(2)
 @pytest.fixture
 def photo_folder(tmp_path: Path) -> Path:
     """Ten real ImageNet JPEGs plus a PNG, a gray and a palette image made from them."""
-    folder = tmp_path / "photos"
+    folder = copy_photos(tmp_path / "photos", 10)
     nested = folder / "nested dir"
-    nested.mkdir(parents=True)
-    names = sorted(p.name for p in SAMPLE_DIR.iterdir() if p.suffix == ".JPEG")[:10]
-    for name in names:
-        shutil.copy(SAMPLE_DIR / name, folder / name)
+    nested.mkdir()
 
-    source = Image.open(SAMPLE_DIR / names[0]).convert("RGB")
+    source = Image.open(sample_photos(1)[0]).convert("RGB")
     source.save(nested / "as png.png")
     source.convert("L").save(nested / "gray.jpg")
     source.convert("P", palette=Image.Palette.ADAPTIVE, colors=32).save(nested / "palette.png")

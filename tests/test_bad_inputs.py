@@ -7,17 +7,23 @@ import json
 import logging
 import math
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers.bad_images import HTML_PAGE, BadImageFolder, encode, gradient_image, write_bad_image_folder
-from helpers.tiny_clip import tiny_overrides, write_tiny_clip_checkpoint
+from helpers.tiny_clip import tiny_overrides
+from helpers.tiny_runs import (
+    TEACHER,
+    tiny_cache_config,
+    tiny_pretrain_config,
+    write_tar_shard,
+    write_teacher_checkpoint,
+)
 from PIL import Image
 
 from pipeline.cache import CacheReader
-from pipeline.config import CacheConfig, PretrainConfig
+from pipeline.config import CacheConfig
 from pipeline.data.online import OnlineViews
 from pipeline.data.teacher_views import TeacherViews
 from pipeline.errors import UsageError
@@ -27,11 +33,13 @@ from pipeline.views import AugmentConfig
 from stages.cache_targets import run_cache_targets
 from stages.pretrain import SKIPPED_NAME, run_pretrain
 
-TEACHER = "clip_vit_base_patch16"
 IMG_SIZE = 64
 VIEWS = 2
 # no color jitter, so a view of a one-color image keeps that color
 NO_JITTER = AugmentConfig(brightness=0.0, contrast=0.0, saturation=0.0)
+CACHE_SETTINGS = {
+    "img_size": IMG_SIZE, "views": VIEWS, "shard_size": 8, "max_bad_fraction": 0.3, "augment": NO_JITTER,
+}
 
 INDEX_SKIPS = {
     ".DS_Store": "os junk file",
@@ -66,33 +74,7 @@ def write_messy_folder(directory: Path) -> BadImageFolder:
 
 
 def cache_config(data: Path, out: Path, teacher_file: Path, **changes) -> CacheConfig:
-    values = dict(
-        data=str(data),
-        out=str(out),
-        teacher=TEACHER,
-        teacher_weights=str(teacher_file),
-        teacher_overrides=tiny_overrides(),
-        img_size=IMG_SIZE,
-        views=VIEWS,
-        batch_size=8,
-        workers=0,
-        device="cpu",
-        shard_size=8,
-        fidelity_views=4,
-        max_bad_fraction=0.3,
-        augment=NO_JITTER,
-    )
-    values.update(changes)
-    return CacheConfig(**values)
-
-
-def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
+    return tiny_cache_config(data, out, teacher_file, **{**CACHE_SETTINGS, **changes})
 
 
 def small_jpeg(seed: int) -> bytes:
@@ -130,7 +112,7 @@ def stored_samples(cache: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory) -> Path:
-    return write_tiny_clip_checkpoint(tmp_path_factory.mktemp("teacher") / "tiny-clip.pt", image_size=224)
+    return write_teacher_checkpoint(tmp_path_factory.mktemp("teacher"))
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +287,7 @@ def damaged_shards(tmp_path: Path) -> Path:
     """Shards with a sample without image, an HTML page as .jpg, an empty shard and a truncated one."""
     root = tmp_path / "shards"
     root.mkdir()
-    write_shard(
+    write_tar_shard(
         root / "s-000.tar",
         [
             ("train.v2/a0.jpg", small_jpeg(0)),
@@ -318,11 +300,11 @@ def damaged_shards(tmp_path: Path) -> Path:
         ],
     )
     (root / "s-001.tar").write_bytes(b"")
-    write_shard(root / "s-002.tar", [(f"b{i}.jpg", small_jpeg(10 + i)) for i in range(3)])
+    write_tar_shard(root / "s-002.tar", [(f"b{i}.jpg", small_jpeg(10 + i)) for i in range(3)])
     whole = (root / "s-002.tar").read_bytes()
     first_member_end = 512 + math.ceil(len(small_jpeg(10)) / 512) * 512
     (root / "s-002.tar").write_bytes(whole[: first_member_end + 512 + 300])  # inside the second member's data
-    write_shard(root / "s-003.tar", [("c0.jpg", small_jpeg(20)), ("c0.cls", b"9")])
+    write_tar_shard(root / "s-003.tar", [("c0.jpg", small_jpeg(20)), ("c0.cls", b"9")])
     return root
 
 
@@ -379,9 +361,8 @@ def test_online_views_replace_bad_image(messy: BadImageFolder):
 
 def test_online_pretrain_skips_bad_images(tmp_path: Path, messy: BadImageFolder, teacher_file: Path):
     run_dir = tmp_path / "run"
-    config = PretrainConfig(
-        out=str(run_dir),
-        student="vit_tiny_patch16",
+    config = tiny_pretrain_config(
+        run_dir,
         student_overrides={"embed_dim": 64, "depth": 1, "num_heads": 2},
         teacher=TEACHER,
         teacher_weights=str(teacher_file),
@@ -389,15 +370,11 @@ def test_online_pretrain_skips_bad_images(tmp_path: Path, messy: BadImageFolder,
         data=str(messy.path),
         img_size=IMG_SIZE,
         min_mask_block=2,
+        steps=None,
         epochs=1,
         batch_size=2,
-        lr=1e-3,
-        warmup_steps=1,
+        drop_path=None,  # the student's registry default
         val_fraction=0.0,
-        log_every=1,
-        checkpoint_every=100,
-        workers=0,
-        device="cpu",
         shard_size=8,
         augment=NO_JITTER,
     )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, SAMPLE_DIR
-from helpers.tiny_clip import tiny_overrides, write_tiny_clip_checkpoint
+from helpers.tiny_clip import tiny_overrides
+from helpers.tiny_runs import (
+    IMG_SIZE,
+    REPO,
+    TEACHER,
+    copy_photos,
+    free_port,
+    sample_photos,
+    write_teacher_checkpoint,
+)
 
 from pipeline.cache import CacheReader
 
@@ -34,29 +40,20 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     indexing.
     """
     root = tmp_path_factory.mktemp("distributed")
-    photos = root / "photos"
-    photos.mkdir()
-    names = sorted(p.name for p in SAMPLE_DIR.iterdir() if p.suffix == ".JPEG")[:10]
-    for name in names:
-        shutil.copy(SAMPLE_DIR / name, photos / name)
-    (photos / f"{names[1]}-truncated.jpg").write_bytes((SAMPLE_DIR / names[1]).read_bytes()[:300])
+    photos = copy_photos(root / "photos", 10)
+    names = [path.name for path in sample_photos(10)]
+    (photos / f"{names[1]}-truncated.jpg").write_bytes((photos / names[1]).read_bytes()[:300])
     (photos / f"{names[4]}-text.jpg").write_text("<html>not an image</html>")
     (photos / f"{names[6]}-empty.jpg").write_bytes(b"")
 
-    teacher = write_tiny_clip_checkpoint(root / "tiny-clip.pt", image_size=224)
+    teacher = write_teacher_checkpoint(root)
     preset = root / "tiny.yaml"
     preset.write_text(yaml.safe_dump({"cache_targets": {
-        "teacher": "clip_vit_base_patch16", "teacher_weights": str(teacher), "teacher_overrides": tiny_overrides(),
-        "img_size": 96, "views": 2, "shard_size": SHARD_SIZE, "batch_size": 8, "workers": 0, "device": "cpu",
+        "teacher": TEACHER, "teacher_weights": str(teacher), "teacher_overrides": tiny_overrides(),
+        "img_size": IMG_SIZE, "views": 2, "shard_size": SHARD_SIZE, "batch_size": 8, "workers": 0, "device": "cpu",
         "codec": "int8-channel", "calibration_images": 4, "fidelity_views": 6, "max_bad_fraction": 0.5,
     }}))
     return {"root": root, "photos": photos, "preset": preset, "names": names}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cache_targets_args(setup: dict, out: Path, *extra: str) -> list[str]:

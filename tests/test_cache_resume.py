@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, SAMPLE_DIR
-from helpers.tiny_clip import tiny_overrides, write_tiny_clip_checkpoint
+from helpers.tiny_clip import tiny_overrides
+from helpers.tiny_runs import IMG_SIZE, REPO, TEACHER, copy_photos, write_teacher_checkpoint
 
 from pipeline.cache import CacheReader
 
@@ -40,16 +39,13 @@ TEMP_SHARD_FOLDER = re.compile(r"^\.tmp-shard_\d{6}-\d+-[0-9a-f]{8}@")
 def setup(tmp_path_factory) -> dict[str, Path]:
     """Real photos, a tiny CLIP checkpoint and a preset that makes `cache-targets` tiny."""
     root = tmp_path_factory.mktemp("resume")
-    photos = root / "photos"
-    photos.mkdir()
-    for name in sorted(p.name for p in SAMPLE_DIR.iterdir() if p.suffix == ".JPEG")[:NUM_IMAGES]:
-        shutil.copy(SAMPLE_DIR / name, photos / name)
+    photos = copy_photos(root / "photos", NUM_IMAGES)
 
-    teacher = write_tiny_clip_checkpoint(root / "tiny-clip.pt", image_size=224)
+    teacher = write_teacher_checkpoint(root)
     preset = root / "tiny.yaml"
     preset.write_text(yaml.safe_dump({"cache_targets": {
-        "teacher": "clip_vit_base_patch16", "teacher_weights": str(teacher), "teacher_overrides": tiny_overrides(),
-        "img_size": 96, "views": 2, "shard_size": SHARD_SIZE, "batch_size": 8, "workers": 0, "device": "cpu",
+        "teacher": TEACHER, "teacher_weights": str(teacher), "teacher_overrides": tiny_overrides(),
+        "img_size": IMG_SIZE, "views": 2, "shard_size": SHARD_SIZE, "batch_size": 8, "workers": 0, "device": "cpu",
         "calibration_images": 4, "fidelity_views": 16,
     }}))
     return {"root": root, "photos": photos, "preset": preset}

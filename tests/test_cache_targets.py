@@ -12,13 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_DIR
-from helpers.tiny_clip import tiny_overrides, write_tiny_clip_checkpoint
+from helpers.tiny_runs import (
+    IMG_SIZE,
+    STUDENT_OVERRIDES,
+    TEACHER,
+    copy_photos,
+    read_metrics,
+    sample_photos,
+    tiny_cache_config,
+    tiny_pretrain_config,
+    write_teacher_checkpoint,
+)
 from PIL import Image
 
 from pipeline.cache import CacheReader
 from pipeline.codecs import build_codec
-from pipeline.config import CacheConfig, PretrainConfig
+from pipeline.config import CacheConfig
 from pipeline.data.training import build_training_data
 from pipeline.errors import CacheMismatchError
 from pipeline.masking import MaskConfig
@@ -27,21 +36,7 @@ from stages.cache_targets import run_cache_targets
 from stages.inspect_cache import describe_cache
 from stages.pretrain import run_pretrain
 
-IMG_SIZE = 96
-TEACHER = "clip_vit_base_patch16"
-STUDENT_OVERRIDES = {"embed_dim": 64, "depth": 2, "num_heads": 2}
-
-
-def copy_photos(folder: Path, count: int = 10) -> Path:
-    """Copy `count` real JPEGs of the bundled sample and add a PNG and a gray JPEG made from the first."""
-    folder.mkdir(parents=True)
-    names = sorted(p.name for p in SAMPLE_DIR.iterdir() if p.suffix == ".JPEG")[:count]
-    for name in names:
-        shutil.copy(SAMPLE_DIR / name, folder / name)
-    first = Image.open(SAMPLE_DIR / names[0]).convert("RGB")
-    first.save(folder / "converted.png")
-    first.convert("L").save(folder / "gray.jpg")
-    return folder
+CACHE_SETTINGS = {"calibration_images": 4, "fidelity_views": 8}
 
 
 @pytest.fixture(scope="module")
@@ -51,54 +46,21 @@ def workspace(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def photos(workspace: Path) -> Path:
-    return copy_photos(workspace / "photos")
+    """Ten real JPEGs of the bundled sample plus a PNG and a gray JPEG made from the first."""
+    folder = copy_photos(workspace / "photos", 10)
+    first = Image.open(sample_photos(1)[0]).convert("RGB")
+    first.save(folder / "converted.png")
+    first.convert("L").save(folder / "gray.jpg")
+    return folder
 
 
 @pytest.fixture(scope="module")
 def teacher_file(workspace: Path) -> Path:
-    return write_tiny_clip_checkpoint(workspace / "tiny-clip.pt", image_size=224)
+    return write_teacher_checkpoint(workspace)
 
 
 def cache_config(data: Path, out: Path, teacher_file: Path, **changes) -> CacheConfig:
-    values = dict(
-        data=str(data),
-        out=str(out),
-        teacher=TEACHER,
-        teacher_weights=str(teacher_file),
-        teacher_overrides=tiny_overrides(),
-        img_size=IMG_SIZE,
-        views=2,
-        batch_size=8,
-        workers=0,
-        device="cpu",
-        shard_size=4,
-        calibration_images=4,
-        fidelity_views=8,
-    )
-    values.update(changes)
-    return CacheConfig(**values)
-
-
-def pretrain_config(out: Path, cache: Path, **changes) -> PretrainConfig:
-    values = dict(
-        out=str(out),
-        cache=str(cache),
-        student="vit_tiny_patch16",
-        student_overrides=STUDENT_OVERRIDES,
-        img_size=IMG_SIZE,
-        steps=3,
-        batch_size=4,
-        lr=1e-3,
-        warmup_steps=1,
-        drop_path=0.0,
-        val_fraction=0.1,
-        log_every=1,
-        checkpoint_every=100,
-        workers=0,
-        device="cpu",
-    )
-    values.update(changes)
-    return PretrainConfig(**values)
+    return tiny_cache_config(data, out, teacher_file, **{**CACHE_SETTINGS, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +74,7 @@ def caches(workspace: Path, photos: Path, teacher_file: Path) -> dict[str, Path]
 
 
 def read_losses(run_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [record["loss"] for record in records if "loss" in record]
+    return [record["loss"] for record in read_metrics(run_dir) if "loss" in record]
 
 
 def decoded_by_image(reader: CacheReader, view: int) -> dict[int, np.ndarray]:
@@ -129,7 +90,7 @@ def decoded_by_image(reader: CacheReader, view: int) -> dict[int, np.ndarray]:
 
 def test_pretrain_log_names_view_per_epoch(tmp_path: Path, caches: dict[str, Path], caplog):
     caplog.set_level(logging.INFO, logger="pipeline.data.training")
-    config = pretrain_config(tmp_path / "run", caches["zarr"], steps=None, epochs=3)
+    config = tiny_pretrain_config(tmp_path / "run", cache=str(caches["zarr"]), steps=None, epochs=3)
     run_pretrain(config)
 
     messages = [record.getMessage() for record in caplog.records if record.name == "pipeline.data.training"]
@@ -141,7 +102,7 @@ def test_pretrain_log_names_view_per_epoch(tmp_path: Path, caches: dict[str, Pat
 
 
 def test_training_loader_reads_view_of_epoch(tmp_path: Path, caches: dict[str, Path]):
-    config = pretrain_config(tmp_path / "run", caches["zarr"])
+    config = tiny_pretrain_config(tmp_path / "run", cache=str(caches["zarr"]))
     student = build_student(config.student, IMG_SIZE, drop_path_rate=0.0, overrides=STUDENT_OVERRIDES)
     mask_config = MaskConfig(*student.grid_size)
     data = build_training_data(config, student, mask_config, torch.device("cpu"))
@@ -183,7 +144,7 @@ def test_wds_cache_equals_zarr_cache(caches: dict[str, Path]):
 
 def test_pretrain_losses_equal_for_both_formats(tmp_path: Path, caches: dict[str, Path]):
     for fmt, cache in caches.items():
-        run_pretrain(pretrain_config(tmp_path / fmt, cache))
+        run_pretrain(tiny_pretrain_config(tmp_path / fmt, cache=str(cache)))
     zarr_losses = read_losses(tmp_path / "zarr")
     wds_losses = read_losses(tmp_path / "wds")
     assert len(zarr_losses) == 3
@@ -196,14 +157,14 @@ def write_webdataset_shards(folder: Path) -> dict[str, int]:
     Every sample but the last has a `.cls` label, so the last one is stored with label -1.
     """
     folder.mkdir(parents=True)
-    names = sorted(p.name for p in SAMPLE_DIR.iterdir() if p.suffix == ".JPEG")[:6]
+    photos = sample_photos(6)
     labels = {}
     for shard in range(2):
         with tarfile.open(folder / f"val-{shard:06d}.tar", "w") as tar:
-            for position, name in enumerate(names[shard * 3 : shard * 3 + 3]):
-                key = f"imagenet.val.v2/{Path(name).stem}_{shard}"
+            for position, photo in enumerate(photos[shard * 3 : shard * 3 + 3]):
+                key = f"imagenet.val.v2/{photo.stem}_{shard}"
                 image_member = f"{key}.jpg"
-                _add_member(tar, image_member, (SAMPLE_DIR / name).read_bytes())
+                _add_member(tar, image_member, photo.read_bytes())
                 if (shard, position) != (1, 2):
                     labels[image_member] = 100 * shard + position
                     _add_member(tar, f"{key}.cls", str(labels[image_member]).encode())

@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, SAMPLE_DIR
-from helpers.tiny_clip import tiny_overrides, write_tiny_clip_checkpoint
+from helpers.tiny_clip import tiny_overrides
+from helpers.tiny_runs import (
+    IMG_SIZE,
+    STUDENT,
+    TEACHER,
+    copy_photos,
+    run_cli,
+    subprocess_env,
+    tiny_cache_config,
+    write_teacher_checkpoint,
+)
 
-from pipeline.config import CacheConfig, PretrainConfig
+from pipeline.config import PretrainConfig
 from pipeline.students import STUDENTS
 from pipeline.teachers.registry import TEACHERS
 from stages.cache_targets import run_cache_targets
 from stages.pretrain import run_pretrain
 
-TEACHER = "clip_vit_base_patch16"
-IMG_SIZE = 96
 STUDENT_OVERRIDES = {"embed_dim": 64, "depth": 1, "num_heads": 2}
 
 
@@ -31,27 +36,18 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_file(work: Path) -> Path:
-    return write_tiny_clip_checkpoint(work / "tiny-clip.pt", image_size=224)
+    return write_teacher_checkpoint(work)
 
 
 @pytest.fixture(scope="module")
 def photos(work: Path) -> Path:
-    folder = work / "photos"
-    folder.mkdir()
-    for name in sorted(p.name for p in SAMPLE_DIR.iterdir() if p.suffix == ".JPEG")[:8]:
-        shutil.copy(SAMPLE_DIR / name, folder / name)
-    return folder
+    return copy_photos(work / "photos", 8)
 
 
 @pytest.fixture(scope="module")
 def cache(work: Path, photos: Path, teacher_file: Path) -> Path:
     out = work / "cache"
-    config = CacheConfig(
-        data=str(photos), out=str(out), teacher=TEACHER, teacher_weights=str(teacher_file),
-        teacher_overrides=tiny_overrides(), img_size=IMG_SIZE, batch_size=8, workers=0, device="cpu",
-        shard_size=4, fidelity_views=2,
-    )
-    run_cache_targets(config)
+    run_cache_targets(tiny_cache_config(photos, out, teacher_file, views=1, fidelity_views=2))
     return out
 
 
@@ -66,19 +62,16 @@ def preset(work: Path) -> Path:
                                   "device": "cpu", "batch_size": 8, "shard_size": 4, "fidelity_views": 2},
                 "pretrain": {"student_overrides": STUDENT_OVERRIDES, "teacher_overrides": tiny_overrides(),
                              "img_size": IMG_SIZE, "steps": 1,
-                             "batch_size": 2, "workers": 0, "device": "cpu", "student": "vit_tiny_patch16"},
+                             "batch_size": 2, "workers": 0, "device": "cpu", "student": STUDENT},
             }
         )
     )
     return path
 
 
-def run_cli(arguments: list[str], home: Path) -> subprocess.CompletedProcess:
+def run_offline(arguments: list[str], home: Path) -> subprocess.CompletedProcess:
     """Run `python -m cli ARGUMENTS` offline, with an empty Hugging Face cache under `home`."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "hf-home"), "OMP_NUM_THREADS": "2"}
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *arguments], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    return run_cli(arguments, env=subprocess_env(HF_HOME=str(home / "hf-home")))
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -104,7 +97,8 @@ def pretrain_arguments(preset: Path, cache: Path, out: Path, *extra: str) -> lis
 
 
 def test_unknown_teacher_lists_valid(tmp_path: Path, preset: Path, photos: Path):
-    result = run_cli(cache_targets_arguments(preset, photos, tmp_path / "cache", "--teacher", "clip_vit_tiny"), tmp_path)
+    arguments = cache_targets_arguments(preset, photos, tmp_path / "cache", "--teacher", "clip_vit_tiny")
+    result = run_offline(arguments, tmp_path)
 
     line = assert_one_line_error(result, "unknown teacher 'clip_vit_tiny'")
     for name in TEACHERS:
@@ -113,7 +107,7 @@ def test_unknown_teacher_lists_valid(tmp_path: Path, preset: Path, photos: Path)
 
 
 def test_unknown_student_lists_valid(tmp_path: Path, preset: Path, cache: Path):
-    result = run_cli(pretrain_arguments(preset, cache, tmp_path / "run", "--student", "vit_gigantic"), tmp_path)
+    result = run_offline(pretrain_arguments(preset, cache, tmp_path / "run", "--student", "vit_gigantic"), tmp_path)
 
     line = assert_one_line_error(result, "unknown student 'vit_gigantic'")
     for name in STUDENTS:
@@ -125,7 +119,7 @@ def test_unknown_config_key_named(tmp_path: Path, cache: Path):
     preset = tmp_path / "typo.yaml"
     preset.write_text(yaml.safe_dump({"pretrain": {"steps": 1, "mask_ration": 0.5}}))
 
-    result = run_cli(pretrain_arguments(preset, cache, tmp_path / "run"), tmp_path)
+    result = run_offline(pretrain_arguments(preset, cache, tmp_path / "run"), tmp_path)
 
     line = assert_one_line_error(result, "unknown key 'mask_ration'", str(preset))
     assert "mask_ratio" in line
@@ -136,7 +130,7 @@ def test_unknown_config_key_named(tmp_path: Path, cache: Path):
 
 def test_missing_data_folder(tmp_path: Path, preset: Path):
     missing = tmp_path / "no-such-folder"
-    result = run_cli(cache_targets_arguments(preset, missing, tmp_path / "cache"), tmp_path)
+    result = run_offline(cache_targets_arguments(preset, missing, tmp_path / "cache"), tmp_path)
 
     assert_one_line_error(result, f"input path not found: {missing}")
 
@@ -147,7 +141,7 @@ def test_folder_without_images(tmp_path: Path, preset: Path):
     (folder / "readme.txt").write_text("no pictures here\n")
     (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
 
-    result = run_cli(cache_targets_arguments(preset, folder, tmp_path / "cache"), tmp_path)
+    result = run_offline(cache_targets_arguments(preset, folder, tmp_path / "cache"), tmp_path)
 
     assert_one_line_error(result, f"no images found under {folder}", "2 entries skipped")
 
@@ -158,14 +152,14 @@ def test_online_folder_without_images(tmp_path: Path, preset: Path, teacher_file
     arguments = ["pretrain", "--config", str(preset), "--teacher", TEACHER, "--teacher-weights", str(teacher_file),
                  "--data", str(folder), "--out", str(tmp_path / "run")]
 
-    result = run_cli(arguments, tmp_path)
+    result = run_offline(arguments, tmp_path)
 
     assert_one_line_error(result, f"no images found under {folder}")
     assert not (tmp_path / "run").exists()
 
 
 def test_cache_not_fitting_student(tmp_path: Path, preset: Path, cache: Path):
-    result = run_cli(pretrain_arguments(preset, cache, tmp_path / "run", "--img-size", "128"), tmp_path)
+    result = run_offline(pretrain_arguments(preset, cache, tmp_path / "run", "--img-size", "128"), tmp_path)
 
     assert_one_line_error(result, "6x6 target grid", "8x8 grid", f"--img-size {IMG_SIZE}")
     assert not (tmp_path / "run").exists()
@@ -178,7 +172,7 @@ def test_cache_folder_with_other_settings(tmp_path: Path, preset: Path, photos: 
         preset, photos, copy, "--teacher", TEACHER, "--teacher-weights", str(teacher_file), "--seed", "7"
     )
 
-    result = run_cli(arguments, tmp_path)
+    result = run_offline(arguments, tmp_path)
 
     assert_one_line_error(result, "seed = 0", "seed = 7", "use another cache folder")
 
@@ -186,13 +180,13 @@ def test_cache_folder_with_other_settings(tmp_path: Path, preset: Path, photos: 
 def test_out_folder_with_run_needs_resume(tmp_path: Path, preset: Path, cache: Path):
     run_dir = tmp_path / "run"
     run_pretrain(
-        PretrainConfig(out=str(run_dir), cache=str(cache), student="vit_tiny_patch16", student_overrides=STUDENT_OVERRIDES,
+        PretrainConfig(out=str(run_dir), cache=str(cache), student=STUDENT, student_overrides=STUDENT_OVERRIDES,
                        img_size=IMG_SIZE, steps=1, batch_size=2, workers=0, device="cpu")
     )
     before = (run_dir / "checkpoint-last.pt").read_bytes()
 
-    fresh = run_cli(pretrain_arguments(preset, cache, run_dir), tmp_path)
-    other = run_cli(pretrain_arguments(preset, cache, run_dir, "--resume", "--seed", "3"), tmp_path)
+    fresh = run_offline(pretrain_arguments(preset, cache, run_dir), tmp_path)
+    other = run_offline(pretrain_arguments(preset, cache, run_dir, "--resume", "--seed", "3"), tmp_path)
 
     assert_one_line_error(fresh, f"output folder {run_dir} already contains a run", "--resume", "another --out")
     assert_one_line_error(other, "--resume with seed=3", "started with seed=0", "another --out")
@@ -204,33 +198,34 @@ def test_out_folder_with_run_needs_resume(tmp_path: Path, preset: Path, cache: P
 
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
 def test_mask_ratio_outside_open_interval(tmp_path: Path, preset: Path, cache: Path, ratio: str):
-    result = run_cli(pretrain_arguments(preset, cache, tmp_path / "run", "--mask-ratio", ratio), tmp_path)
+    result = run_offline(pretrain_arguments(preset, cache, tmp_path / "run", "--mask-ratio", ratio), tmp_path)
 
     assert_one_line_error(result, "--mask-ratio must lie strictly between 0 and 1", f"got {float(ratio)}")
     assert not (tmp_path / "run").exists()
 
 
 def test_batch_larger_than_data(tmp_path: Path, preset: Path, cache: Path):
-    result = run_cli(pretrain_arguments(preset, cache, tmp_path / "run", "--batch-size", "64"), tmp_path)
+    result = run_offline(pretrain_arguments(preset, cache, tmp_path / "run", "--batch-size", "64"), tmp_path)
 
     assert_one_line_error(result, "training samples cannot fill a batch", "--batch-size 64")
     assert not (tmp_path / "run").exists()
 
 
 def test_zero_steps_rejected(tmp_path: Path, preset: Path, cache: Path):
-    result = run_cli(pretrain_arguments(preset, cache, tmp_path / "run", "--steps", "0"), tmp_path)
+    result = run_offline(pretrain_arguments(preset, cache, tmp_path / "run", "--steps", "0"), tmp_path)
 
     assert_one_line_error(result, "--steps must be at least 1, got 0")
 
 
 def test_published_weights_offline_names_option(tmp_path: Path, preset: Path, photos: Path):
-    result = run_cli(cache_targets_arguments(preset, photos, tmp_path / "cache", "--teacher", TEACHER), tmp_path)
+    result = run_offline(cache_targets_arguments(preset, photos, tmp_path / "cache", "--teacher", TEACHER), tmp_path)
 
     assert_one_line_error(result, "could not fetch the published weights", TEACHER, "--teacher-weights")
 
 
 def test_debug_shows_traceback(tmp_path: Path, preset: Path, cache: Path):
-    result = run_cli(["--debug", *pretrain_arguments(preset, cache, tmp_path / "run", "--mask-ratio", "2")], tmp_path)
+    arguments = ["--debug", *pretrain_arguments(preset, cache, tmp_path / "run", "--mask-ratio", "2")]
+    result = run_offline(arguments, tmp_path)
 
     assert result.returncode != 0
     assert "Traceback" in result.stderr

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +16,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 import yaml
-from helpers.tiny_clip import tiny_overrides, write_tiny_clip_checkpoint
+from helpers.tiny_runs import (
+    IMG_SIZE,
+    REPO,
+    STUDENT,
+    STUDENT_OVERRIDES,
+    copy_photos,
+    free_port,
+    read_metrics,
+    tiny_cache_config,
+    write_teacher_checkpoint,
+)
 
 from pipeline.cache import CacheReader
-from pipeline.config import CacheConfig, PretrainConfig
+from pipeline.config import PretrainConfig
 from pipeline.data.sample_log import read_sample_log
 from pipeline.data.training import split_validation
 from pipeline.distributed import TORCHRUN_VARIABLES, DistInfo, read_torchrun_env, resolve_device
@@ -31,17 +40,13 @@ from pipeline.students import build_student
 from stages.cache_targets import run_cache_targets
 from stages.pretrain import run_pretrain
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE_DIR = REPO / "data" / "imagenet-sample-64"
-IMG_SIZE = 96
 NUM_IMAGES = 13  # 1 held out for validation, 12 train: 3 global batches of 4 per epoch
 STEPS = 6
-STUDENT_OVERRIDES = {"embed_dim": 64, "depth": 2, "num_heads": 2}
 TORCHRUN_TIMEOUT_S = 420
 
 # every setting that the 2-process and the 1-process runs share
 RUN_SETTINGS = {
-    "student": "vit_tiny_patch16",
+    "student": STUDENT,
     "student_overrides": STUDENT_OVERRIDES,
     "img_size": IMG_SIZE,
     "steps": STEPS,
@@ -56,16 +61,6 @@ RUN_SETTINGS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def losses_by_step(run_dir: Path) -> dict[int, float]:
     return {record["step"]: record["loss"] for record in read_metrics(run_dir) if "loss" in record}
 
@@ -73,18 +68,8 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp-cache")
-    photos = root / "photos"
-    photos.mkdir()
-    for path in sorted(SAMPLE_DIR.glob("*.JPEG"))[:NUM_IMAGES]:
-        shutil.copy(path, photos / path.name)
-    teacher = write_tiny_clip_checkpoint(root / "tiny-clip.pt", image_size=224)
-    run_cache_targets(
-        CacheConfig(
-            data=str(photos), out=str(root / "cache"), teacher="clip_vit_base_patch16", teacher_weights=str(teacher),
-            teacher_overrides=tiny_overrides(), img_size=IMG_SIZE, views=2, batch_size=8, workers=0, device="cpu",
-            shard_size=4, fidelity_views=4,
-        )
-    )
+    photos = copy_photos(root / "photos", NUM_IMAGES)
+    run_cache_targets(tiny_cache_config(photos, root / "cache", write_teacher_checkpoint(root)))
     return root / "cache"
 
 
@@ -195,7 +180,7 @@ def _non_finite_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
-    student = build_student("vit_tiny_patch16", 32, drop_path_rate=0.0, overrides=STUDENT_OVERRIDES)
+    student = build_student(STUDENT, 32, drop_path_rate=0.0, overrides=STUDENT_OVERRIDES)
     model = torch.nn.parallel.DistributedDataParallel(MaskDistillModel(student, build_head("fc", student, 8)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     settings = StepSettings("smooth_l1", 1.0, "layernorm", 3.0, None)

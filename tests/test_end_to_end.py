@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from helpers.tiny_clip import tiny_overrides, write_tiny_clip_checkpoint
+from helpers.tiny_clip import tiny_overrides
+from helpers.tiny_runs import (
+    IMG_SIZE,
+    STUDENT,
+    STUDENT_OVERRIDES,
+    TEACHER,
+    read_metrics,
+    run_cli,
+    tiny_cache_config,
+    tiny_pretrain_config,
+    write_teacher_checkpoint,
+)
 
 from pipeline.cache import CacheReader
 from pipeline.codecs import build_codec
-from pipeline.config import CacheConfig, PretrainConfig
+from pipeline.config import PretrainConfig
 from pipeline.data.teacher_views import TeacherViews
 from pipeline.errors import CacheMismatchError
 from pipeline.extract import build_timm_model, extract_student
@@ -26,68 +35,28 @@ from pipeline.views import AugmentConfig
 from stages.cache_targets import run_cache_targets
 from stages.pretrain import run_pretrain
 
-IMG_SIZE = 96
-TEACHER = "clip_vit_base_patch16"
-STUDENT_OVERRIDES = {"embed_dim": 64, "depth": 2, "num_heads": 2}
+# shard_size and views match the cache, so that the online run orders images and views as the cached run does.
+PRETRAIN_SETTINGS = {"steps": 4, "checkpoint_every": 2, "shard_size": 4, "views": 2}
 
 
 @pytest.fixture
 def teacher_file(tmp_path: Path) -> Path:
-    return write_tiny_clip_checkpoint(tmp_path / "tiny-clip.pt", image_size=224)
-
-
-def cache_config(data: Path, out: Path, teacher_file: Path, **changes) -> CacheConfig:
-    values = dict(
-        data=str(data),
-        out=str(out),
-        teacher=TEACHER,
-        teacher_weights=str(teacher_file),
-        teacher_overrides=tiny_overrides(),
-        img_size=IMG_SIZE,
-        views=2,
-        batch_size=8,
-        workers=0,
-        device="cpu",
-        shard_size=4,
-        fidelity_views=8,
-    )
-    values.update(changes)
-    return CacheConfig(**values)
+    return write_teacher_checkpoint(tmp_path)
 
 
 def pretrain_config(out: Path, **changes) -> PretrainConfig:
-    values = dict(
-        out=str(out),
-        student="vit_tiny_patch16",
-        student_overrides=STUDENT_OVERRIDES,
-        img_size=IMG_SIZE,
-        steps=4,
-        batch_size=4,
-        lr=1e-3,
-        warmup_steps=1,
-        drop_path=0.0,
-        val_fraction=0.1,
-        log_every=1,
-        checkpoint_every=2,
-        workers=0,
-        device="cpu",
-        shard_size=4,
-        views=2,
-    )
-    values.update(changes)
-    return PretrainConfig(**values)
+    return tiny_pretrain_config(out, **{**PRETRAIN_SETTINGS, **changes})
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:
     """Training loss by step from the run's metrics file (a resumed run appends to it)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {record["step"]: record["loss"] for record in records if "loss" in record}
+    return {record["step"]: record["loss"] for record in read_metrics(run_dir) if "loss" in record}
 
 
 @pytest.fixture
 def cache_dir(tmp_path: Path, photo_folder: Path, teacher_file: Path) -> Path:
     out = tmp_path / "cache"
-    run_cache_targets(cache_config(photo_folder, out, teacher_file))
+    run_cache_targets(tiny_cache_config(photo_folder, out, teacher_file, fidelity_views=8))
     return out
 
 
@@ -205,7 +174,7 @@ def test_extracted_student_matches_in_timm(tmp_path: Path, cache_dir: Path):
     model.eval()
 
     checkpoint = torch.load(tmp_path / "run" / "checkpoint-last.pt", weights_only=True)
-    student = build_student("vit_tiny_patch16", IMG_SIZE, drop_path_rate=0.0, overrides=STUDENT_OVERRIDES)
+    student = build_student(STUDENT, IMG_SIZE, drop_path_rate=0.0, overrides=STUDENT_OVERRIDES)
     student.load_state_dict({k[len("student."):]: v for k, v in checkpoint["model"].items() if k.startswith("student.")})
     student.eval()
 
@@ -224,24 +193,18 @@ def test_command_line_chain(tmp_path: Path, photo_folder: Path, teacher_file: Pa
         "pretrain": {"student_overrides": STUDENT_OVERRIDES, "img_size": IMG_SIZE, "steps": 2, "batch_size": 4,
                      "workers": 0, "device": "cpu", "log_every": 1},
     }))
-    command = [sys.executable, "-m", "cli"]
     cache = tmp_path / "cli-cache"
-    subprocess.run(
-        command + ["cache-targets", "--config", str(preset), "--data", str(photo_folder), "--out", str(cache),
-                   "--teacher", TEACHER, "--teacher-weights", str(teacher_file)],
-        check=True, capture_output=True, text=True,
+    stage_one = run_cli(
+        ["cache-targets", "--config", str(preset), "--data", str(photo_folder), "--out", str(cache),
+         "--teacher", TEACHER, "--teacher-weights", str(teacher_file)]
     )
-    result = subprocess.run(
-        command + ["pretrain", "--config", str(preset), "--cache", str(cache), "--student", "vit_tiny_patch16",
-                   "--out", str(tmp_path / "cli-run")],
-        check=True, capture_output=True, text=True,
-    )
+    assert stage_one.returncode == 0, stage_one.stderr
+    pretrain_arguments = ["pretrain", "--config", str(preset), "--cache", str(cache), "--student", STUDENT,
+                          "--out", str(tmp_path / "cli-run")]
+    result = run_cli(pretrain_arguments)
+    assert result.returncode == 0, result.stderr
     assert "finished 2 steps" in result.stdout
-    failure = subprocess.run(
-        command + ["pretrain", "--config", str(preset), "--cache", str(cache), "--student", "vit_tiny_patch16",
-                   "--out", str(tmp_path / "cli-run")],
-        capture_output=True, text=True,
-    )
+    failure = run_cli(pretrain_arguments)
     assert failure.returncode == 2
     assert "--resume" in failure.stderr
     assert "Traceback" not in failure.stderr

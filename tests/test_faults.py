@@ -9,7 +9,6 @@ an uninterrupted run, step for step.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -22,27 +21,37 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, SAMPLE_DIR
-from helpers.tiny_clip import tiny_overrides, write_tiny_clip_checkpoint
+from helpers.tiny_clip import tiny_overrides
+from helpers.tiny_runs import (
+    IMG_SIZE,
+    REPO,
+    STUDENT,
+    STUDENT_OVERRIDES,
+    TEACHER,
+    copy_photos,
+    read_metrics,
+    run_cli,
+    subprocess_env,
+    tiny_cache_config,
+    write_teacher_checkpoint,
+)
 
 from pipeline import atomic
 from pipeline.cache import CacheReader
 from pipeline.checkpoint import LAST_NAME, check_finite, save_checkpoint
-from pipeline.config import CacheConfig, PretrainConfig, load_preset, resolve_config
+from pipeline.config import PretrainConfig, load_preset, resolve_config
 from pipeline.data.training import TrainingData
 from pipeline.engine import NonFiniteLossError, TrainingDivergedError
 from pipeline.errors import CorruptCacheError
 from stages.cache_targets import run_cache_targets
 from stages.pretrain import run_pretrain
 
-TEACHER = "clip_vit_base_patch16"
-IMG_SIZE = 96
 STEPS = 12
 CHECKPOINT_EVERY = 4
 
 PRETRAIN_PRESET = {
-    "student": "vit_tiny_patch16",
-    "student_overrides": {"embed_dim": 64, "depth": 2, "num_heads": 2},
+    "student": STUDENT,
+    "student_overrides": STUDENT_OVERRIDES,
     "img_size": IMG_SIZE,
     "steps": STEPS,
     "batch_size": 4,
@@ -137,7 +146,7 @@ HARNESS = textwrap.dedent(
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     steps = [record["step"] for record in records if "loss" in record]
     assert len(steps) == len(set(steps)), "a step was recorded twice"
     return {record["step"]: record["loss"] for record in records if "loss" in record}
@@ -159,22 +168,11 @@ def all_finite(path: Path) -> bool:
     return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
-def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
-
-
 def run_harness(hook: str, arguments: list[str], folder: Path) -> subprocess.CompletedProcess:
     script = folder / "harness.py"
     script.write_text(HARNESS)
     return subprocess.run(
         [sys.executable, str(script), hook, *arguments],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
-    )
-
-
-def run_cli(arguments: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *arguments],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )
 
@@ -186,41 +184,18 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_file(work: Path) -> Path:
-    return write_tiny_clip_checkpoint(work / "tiny-clip.pt", image_size=224)
+    return write_teacher_checkpoint(work)
 
 
 @pytest.fixture(scope="module")
 def photos(work: Path) -> Path:
-    folder = work / "photos"
-    folder.mkdir()
-    for name in sorted(p.name for p in SAMPLE_DIR.iterdir() if p.suffix == ".JPEG")[:12]:
-        shutil.copy(SAMPLE_DIR / name, folder / name)
-    return folder
-
-
-def cache_config(data: Path, out: Path, teacher_file: Path, **changes) -> CacheConfig:
-    values = dict(
-        data=str(data),
-        out=str(out),
-        teacher=TEACHER,
-        teacher_weights=str(teacher_file),
-        teacher_overrides=tiny_overrides(),
-        img_size=IMG_SIZE,
-        views=2,
-        batch_size=8,
-        workers=0,
-        device="cpu",
-        shard_size=4,
-        fidelity_views=4,
-    )
-    values.update(changes)
-    return CacheConfig(**values)
+    return copy_photos(work / "photos", 12)
 
 
 @pytest.fixture(scope="module")
 def cache(work: Path, photos: Path, teacher_file: Path) -> Path:
     out = work / "cache"
-    run_cache_targets(cache_config(photos, out, teacher_file))
+    run_cache_targets(tiny_cache_config(photos, out, teacher_file))
     return out
 
 
@@ -380,7 +355,7 @@ def test_disk_full_cache_then_rerun(tmp_path: Path, photos: Path, teacher_file: 
     assert "Traceback" not in full.stderr
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
 
-    run_cache_targets(cache_config(photos, out, teacher_file))
+    run_cache_targets(tiny_cache_config(photos, out, teacher_file))
     rerun, reference = CacheReader(out), CacheReader(cache)
 
     assert rerun.manifest["complete"] is True
@@ -423,7 +398,7 @@ def damage(cache: Path, kind: str) -> None:
 @pytest.fixture(scope="module")
 def wds_cache(work: Path, photos: Path, teacher_file: Path) -> Path:
     out = work / "wds-cache"
-    run_cache_targets(cache_config(photos, out, teacher_file, format="wds"))
+    run_cache_targets(tiny_cache_config(photos, out, teacher_file, format="wds"))
     return out
 
 
@@ -446,7 +421,7 @@ def damaged_copy(tmp_path: Path, cache: Path, wds_cache: Path, fmt: str, kind: s
 def test_verify_cli_names_damaged_shard(tmp_path: Path, cache: Path, wds_cache: Path, fmt: str, kind: str, problem: str):
     damaged = damaged_copy(tmp_path, cache, wds_cache, fmt, kind)
 
-    verify = run_cli(["verify", str(damaged)])
+    verify = run_cli(["verify", str(damaged)], env=subprocess_env())
 
     assert verify.returncode == 1
     assert "is damaged: 1 of 3 shards" in verify.stdout
@@ -462,7 +437,7 @@ def test_pretrain_cli_rejects_damaged_cache(
 ):
     damaged = damaged_copy(tmp_path, cache, wds_cache, fmt, kind)
 
-    pretrain = run_cli(pretrain_arguments(preset, damaged, tmp_path / "run", "--workers", "2"))
+    pretrain = run_cli(pretrain_arguments(preset, damaged, tmp_path / "run", "--workers", "2"), env=subprocess_env())
     lines = pretrain.stderr.strip().splitlines()
 
     assert pretrain.returncode == 2
@@ -551,7 +526,8 @@ def test_nan_weights_not_checkpointed(tmp_path: Path, preset: Path, cache: Path,
 
 
 def test_huge_lr_cli_one_line_exit_1(tmp_path: Path, preset: Path, cache: Path):
-    result = run_cli(pretrain_arguments(preset, cache, tmp_path / "run", "--lr", "1e30", "--warmup-steps", "0"))
+    arguments = pretrain_arguments(preset, cache, tmp_path / "run", "--lr", "1e30", "--warmup-steps", "0")
+    result = run_cli(arguments, env=subprocess_env())
     lines = result.stderr.strip().splitlines()
 
     assert result.returncode == 1

@@ -9,12 +9,12 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.tiny_runs import IMG_SIZE, REPO, copy_photos, sample_photos
 from PIL import Image
 
 from pipeline.cache import CacheReader
@@ -27,21 +27,14 @@ from pipeline.visualize import draw_mask, pca_colors, upsample_grid
 from stages.cache_targets import run_cache_targets
 from stages.inspect_cache import cache_panels, describe_cache, show_cache
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE_DIR = REPO / "data" / "imagenet-sample-64"
 FORMAT_DOC = REPO / "docs" / "cache-format.md"
-IMG_SIZE = 96
 GRID = (6, 6)
 
 
 def build_cache(root: Path, photos: int, bad_files: bool, **changes) -> Path:
-    folder = root / "photos"
-    folder.mkdir(parents=True)
-    images = sorted(SAMPLE_DIR.glob("*.JPEG"))
-    for path in images[:photos]:
-        shutil.copy(path, folder / path.name)
+    folder = copy_photos(root / "photos", photos)
     if bad_files:
-        (folder / "truncated.jpg").write_bytes(images[-1].read_bytes()[:3000])
+        (folder / "truncated.jpg").write_bytes(sample_photos()[-1].read_bytes()[:3000])
         (folder / "page.jpg").write_text("<!DOCTYPE html><html><body>404 Not Found</body></html>\n")
 
     values = dict(

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers.tiny_clip import tiny_overrides, write_tiny_clip_checkpoint
+from helpers.tiny_runs import (
+    IMG_SIZE,
+    STUDENT,
+    STUDENT_OVERRIDES,
+    copy_photos,
+    tiny_cache_config,
+    write_teacher_checkpoint,
+)
 
 from pipeline.cache import CacheReader
 from pipeline.codecs import build_codec
-from pipeline.config import CacheConfig, PretrainConfig
+from pipeline.config import PretrainConfig
 from pipeline.data.cached import CachedViews
 from pipeline.data.order import SHARD_WINDOW, batches_per_epoch, interleave_streams, plan_epoch
 from pipeline.data.training import BatchList, TrainingData, build_training_data, passthrough
@@ -23,38 +29,17 @@ from pipeline.masking import MaskConfig, block_mask, mask_rng
 from pipeline.students import build_student
 from stages.cache_targets import run_cache_targets
 
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "imagenet-sample-64"
-IMG_SIZE = 96
 NUM_IMAGES = 14
 SHARD_SIZE = 3
 SEED = 3
-STUDENT_OVERRIDES = {"embed_dim": 64, "depth": 2, "num_heads": 2}
 SETTINGS = StepSettings("smooth_l1", 1.0, "none", None, None)
 
 
 def build_cache(root: Path, cache_format: str) -> Path:
     """Cache NUM_IMAGES real photos with a tiny CLIP teacher: 2 views, shards of SHARD_SIZE images."""
-    photos = root / "photos"
-    photos.mkdir()
-    for path in sorted(SAMPLE_DIR.glob("*.JPEG"))[:NUM_IMAGES]:
-        shutil.copy(path, photos / path.name)
-    teacher = write_tiny_clip_checkpoint(root / "tiny-clip.pt", image_size=224)
-    config = CacheConfig(
-        data=str(photos),
-        out=str(root / "cache"),
-        teacher="clip_vit_base_patch16",
-        teacher_weights=str(teacher),
-        teacher_overrides=tiny_overrides(),
-        img_size=IMG_SIZE,
-        views=2,
-        batch_size=8,
-        workers=0,
-        device="cpu",
-        format=cache_format,
-        shard_size=SHARD_SIZE,
-        fidelity_views=4,
-    )
-    run_cache_targets(config)
+    photos = copy_photos(root / "photos", NUM_IMAGES)
+    teacher = write_teacher_checkpoint(root)
+    run_cache_targets(tiny_cache_config(photos, root / "cache", teacher, format=cache_format, shard_size=SHARD_SIZE))
     return root / "cache"
 
 
@@ -74,7 +59,7 @@ def training_data(cache_dir: Path, batch_size: int = 4, workers: int = 2, rank: 
     config = PretrainConfig(
         out="unused",
         cache=str(cache_dir),
-        student="vit_tiny_patch16",
+        student=STUDENT,
         student_overrides=STUDENT_OVERRIDES,
         img_size=IMG_SIZE,
         steps=1,

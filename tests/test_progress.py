@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,24 +19,23 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers.tiny_runs import IMG_SIZE, STUDENT, STUDENT_OVERRIDES, copy_photos, read_metrics, run_cli
 from PIL import Image
 from rich.console import Console
 
 import pipeline.logs as logs
 from pipeline.logs import MetricsLog, ProgressReporter, format_seconds
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE_DIR = REPO / "data" / "imagenet-sample-64"
 ANSI_ESCAPE = "\x1b"
 STEPS = 3
 PRESET = {
     "cache_targets": {
-        "teacher": "pixel", "img_size": 96, "shard_size": 4, "workers": 0, "device": "cpu",
+        "teacher": "pixel", "img_size": IMG_SIZE, "shard_size": 4, "workers": 0, "device": "cpu",
         "batch_size": 8, "fidelity_views": 2,
     },
     "pretrain": {
-        "student": "vit_tiny_patch16", "student_overrides": {"embed_dim": 64, "depth": 2, "num_heads": 2},
-        "img_size": 96, "steps": STEPS, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "val_fraction": 0.2,
+        "student": STUDENT, "student_overrides": STUDENT_OVERRIDES,
+        "img_size": IMG_SIZE, "steps": STEPS, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "val_fraction": 0.2,
         "workers": 0, "device": "cpu", "log_every": 1, "checkpoint_every": 2,
     },
 }
@@ -47,28 +45,18 @@ TRAINING_FIELDS = (
 )
 
 
-def run_cli(*arguments: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *arguments],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-    )
-
-
 @pytest.fixture(scope="module")
 def piped_run(tmp_path_factory) -> dict:
     """Run cache-targets, then pretrain, through the command line with piped output."""
     root = tmp_path_factory.mktemp("piped")
-    photos = root / "photos"
-    photos.mkdir()
-    for path in sorted(SAMPLE_DIR.glob("*.JPEG"))[:8]:
-        shutil.copy(path, photos / path.name)
+    photos = copy_photos(root / "photos", 8)
     preset = root / "tiny.yaml"
     preset.write_text(yaml.safe_dump(PRESET))
 
     cache, run = root / "cache", root / "run"
-    stage_one = run_cli("cache-targets", "--config", str(preset), "--data", str(photos), "--out", str(cache))
+    stage_one = run_cli(["cache-targets", "--config", str(preset), "--data", str(photos), "--out", str(cache)])
     assert stage_one.returncode == 0, stage_one.stderr
-    stage_two = run_cli("pretrain", "--config", str(preset), "--cache", str(cache), "--out", str(run))
+    stage_two = run_cli(["pretrain", "--config", str(preset), "--cache", str(cache), "--out", str(run)])
     assert stage_two.returncode == 0, stage_two.stderr
     return {"cache": cache, "run": run, "stage_one": stage_one, "stage_two": stage_two}
 
@@ -213,7 +201,7 @@ def test_metrics_log_writes_jsonl_and_tensorboard(tmp_path):
     metrics.write(2, {"val_loss": 0.4})
     metrics.close()
 
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path)
     assert [record["step"] for record in records] == [1, 2]
     assert records[0]["loss"] == 0.5
     assert records[0]["note"] == "text"
@@ -320,7 +308,7 @@ def test_run_metrics_fields(piped_run):
 def test_config_unknown_key_rejected(tmp_path):
     preset = tmp_path / "typo.yaml"
     preset.write_text(yaml.safe_dump({"pretrain": {"mask_ration": 0.5}}))
-    result = run_cli("pretrain", "--config", str(preset), "--cache", str(tmp_path), "--out", str(tmp_path / "run"))
+    result = run_cli(["pretrain", "--config", str(preset), "--cache", str(tmp_path), "--out", str(tmp_path / "run")])
     assert result.returncode == 2
     assert "unknown key 'mask_ration'" in result.stderr
     assert str(preset) in result.stderr
@@ -331,13 +319,13 @@ def test_config_unknown_key_rejected(tmp_path):
 
 
 def test_version_option():
-    result = run_cli("--version")
+    result = run_cli(["--version"])
     assert result.returncode == 0
     assert re.fullmatch(r"maskdistill \d+\.\d+\.\d+\S*\n", result.stdout)
 
 
 def test_help_lists_completion_options():
-    result = run_cli("--help")
+    result = run_cli(["--help"])
     assert result.returncode == 0
     assert "--install-completion" in result.stdout
     assert "--show-completion" in result.stdout

@@ -1,13 +1,12 @@
-import io
 import os
 import pickle
 import re
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
 from helpers.bad_images import encode, gradient_image, write_bad_image_folder
+from helpers.tiny_runs import write_tar_shard
 
 from pipeline.errors import BadImageError, UsageError
 from pipeline.images import load_image
@@ -24,16 +23,6 @@ def write_files(root: Path, files: dict[str, bytes]) -> None:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-
-
-def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
 
 
 def reasons(source) -> dict[str, str]:
@@ -235,7 +224,7 @@ def test_bad_image_folder_counts(tmp_path):
 
 
 def test_tar_keys_with_dotted_folders(tmp_path):
-    shard = write_shard(
+    shard = write_tar_shard(
         tmp_path / "shard-000.tar",
         [
             ("train.v2/abc.jpg", b"jpeg-1"),
@@ -257,7 +246,7 @@ def test_tar_keys_with_dotted_folders(tmp_path):
 
 
 def test_tar_sample_without_image_skipped(tmp_path):
-    shard = write_shard(
+    shard = write_tar_shard(
         tmp_path / "s.tar",
         [("a.jpg", b"1"), ("b.cls", b"4"), ("c.seg.png", b"mask"), ("d.JPEG", b"2")],
     )
@@ -269,7 +258,7 @@ def test_tar_sample_without_image_skipped(tmp_path):
 
 
 def test_tar_invalid_label_skipped(tmp_path):
-    shard = write_shard(tmp_path / "s.tar", [("a.jpg", b"1"), ("a.cls", b"cat"), ("b.jpg", b"2")])
+    shard = write_tar_shard(tmp_path / "s.tar", [("a.jpg", b"1"), ("a.cls", b"cat"), ("b.jpg", b"2")])
     source = open_source(shard)
 
     assert [record.source for record in source.records] == ["s.tar::b.jpg"]
@@ -277,8 +266,8 @@ def test_tar_invalid_label_skipped(tmp_path):
 
 
 def test_tar_folder_of_shards(tmp_path):
-    write_shard(tmp_path / "shard-001.tar", [("c.jpg", b"3"), ("c.cls", b"1")])
-    write_shard(tmp_path / "shard-000.tar", [("a.jpg", b"1"), ("b.jpg", b"2")])
+    write_tar_shard(tmp_path / "shard-001.tar", [("c.jpg", b"3"), ("c.cls", b"1")])
+    write_tar_shard(tmp_path / "shard-000.tar", [("a.jpg", b"1"), ("b.jpg", b"2")])
     write_files(tmp_path, {"README.txt": b"about these shards"})
     source = open_source(tmp_path)
 
@@ -293,7 +282,7 @@ def test_tar_folder_of_shards(tmp_path):
 
 def test_tar_brace_pattern(tmp_path):
     for index in range(3):
-        write_shard(tmp_path / "data" / f"shard-{index:03d}.tar", [(f"s{index}.jpg", bytes([index]))])
+        write_tar_shard(tmp_path / "data" / f"shard-{index:03d}.tar", [(f"s{index}.jpg", bytes([index]))])
     source = open_source(f"{tmp_path}/data/shard-{{000..002}}.tar")
 
     assert [record.source for record in source.records] == [
@@ -304,7 +293,7 @@ def test_tar_brace_pattern(tmp_path):
 
 
 def test_tar_brace_pattern_missing_shard(tmp_path):
-    write_shard(tmp_path / "shard-000.tar", [("a.jpg", b"1")])
+    write_tar_shard(tmp_path / "shard-000.tar", [("a.jpg", b"1")])
 
     with pytest.raises(UsageError, match="shard-001.tar"):
         open_source(f"{tmp_path}/shard-{{000..001}}.tar")
@@ -312,7 +301,7 @@ def test_tar_brace_pattern_missing_shard(tmp_path):
 
 def test_tar_truncated_shard_keeps_earlier(tmp_path):
     members = [(f"s{index}.jpg", bytes([index]) * 2000) for index in range(5)]
-    data = write_shard(tmp_path / "full.tar", members).read_bytes()
+    data = write_tar_shard(tmp_path / "full.tar", members).read_bytes()
     # Each member takes a 512-byte header and 2048 bytes of data: cut inside member 3's data.
     (tmp_path / "cut.tar").write_bytes(data[: 3 * 2560 + 1000])
     (tmp_path / "full.tar").unlink()
@@ -325,7 +314,7 @@ def test_tar_truncated_shard_keeps_earlier(tmp_path):
 
 def test_tar_garbage_header_detected(tmp_path):
     members = [(f"s{index}.jpg", bytes([index]) * 100) for index in range(3)]
-    data = bytearray(write_shard(tmp_path / "bad.tar", members).read_bytes())
+    data = bytearray(write_tar_shard(tmp_path / "bad.tar", members).read_bytes())
     data[2 * 1024 : 2 * 1024 + 512] = b"\x7f" * 512  # replace the third header
     (tmp_path / "bad.tar").write_bytes(bytes(data))
     source = open_source(tmp_path / "bad.tar")
@@ -335,8 +324,8 @@ def test_tar_garbage_header_detected(tmp_path):
 
 
 def test_tar_empty_shards_skipped(tmp_path):
-    write_shard(tmp_path / "a.tar", [("x.jpg", b"1")])
-    write_shard(tmp_path / "b.tar", [])
+    write_tar_shard(tmp_path / "a.tar", [("x.jpg", b"1")])
+    write_tar_shard(tmp_path / "b.tar", [])
     (tmp_path / "c.tar").write_bytes(b"")
     source = open_source(tmp_path)
 
@@ -346,14 +335,14 @@ def test_tar_empty_shards_skipped(tmp_path):
 
 
 def test_tar_all_empty_raises(tmp_path):
-    write_shard(tmp_path / "b.tar", [])
+    write_tar_shard(tmp_path / "b.tar", [])
 
     with pytest.raises(UsageError, match="no images found"):
         open_source(tmp_path)
 
 
 def test_tar_not_a_tar_skipped(tmp_path):
-    write_shard(tmp_path / "a.tar", [("x.jpg", b"1")])
+    write_tar_shard(tmp_path / "a.tar", [("x.jpg", b"1")])
     (tmp_path / "b.tar").write_bytes(b"\x1f\x8b" + b"\x00" * 600)
     source = open_source(tmp_path)
 
@@ -362,7 +351,7 @@ def test_tar_not_a_tar_skipped(tmp_path):
 
 
 def test_tar_and_images_mixed_raises(tmp_path):
-    write_shard(tmp_path / "a.tar", [("x.jpg", b"1")])
+    write_tar_shard(tmp_path / "a.tar", [("x.jpg", b"1")])
     write_files(tmp_path, {"stray.png": png(1)})
 
     with pytest.raises(UsageError, match="both .tar shards and image files"):
@@ -370,7 +359,7 @@ def test_tar_and_images_mixed_raises(tmp_path):
 
 
 def test_tar_shortened_after_indexing(tmp_path):
-    shard = write_shard(tmp_path / "s.tar", [("a.jpg", b"1" * 600)])
+    shard = write_tar_shard(tmp_path / "s.tar", [("a.jpg", b"1" * 600)])
     source = open_source(shard)
     shard.write_bytes(shard.read_bytes()[:700])
 
@@ -379,7 +368,7 @@ def test_tar_shortened_after_indexing(tmp_path):
 
 
 def test_tar_pickle_and_fingerprint(tmp_path):
-    shard = write_shard(tmp_path / "s.tar", [("a.jpg", b"12"), ("b.png", b"345")])
+    shard = write_tar_shard(tmp_path / "s.tar", [("a.jpg", b"12"), ("b.png", b"345")])
     source = open_source(shard)
     restored = pickle.loads(pickle.dumps(source))
 

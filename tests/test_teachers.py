@@ -1,7 +1,6 @@
 import hashlib
 import json
 import logging
-import socket
 import time
 from dataclasses import replace
 
@@ -14,6 +13,7 @@ from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
 
 from helpers.tiny_clip import tiny_overrides, write_tiny_clip_checkpoint
+from helpers.tiny_runs import free_port
 from pipeline.errors import UsageError, WeightsUnavailableError
 from pipeline.teachers import (
     PIXEL_TEACHER,
@@ -184,9 +184,7 @@ def test_published_weights_offline_raises(empty_hub_cache, monkeypatch):
 
 
 def test_published_weights_unreachable_hub_fails_fast(empty_hub_cache, monkeypatch):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
+    closed_port = free_port()
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{closed_port}")
 

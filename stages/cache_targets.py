@@ -44,6 +44,7 @@ from pipeline.errors import UsageError
 from pipeline.sources import open_source
 from pipeline.teachers import Teacher, build_teacher
 from pipeline.views import PARAM_NAMES
+from pipeline.data.teacher_views import JPEG_SUBSAMPLING
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ def content_settings(config: CacheConfig, teacher, codec, source) -> dict:
             "patch_size": config.student_patch_size,
             "grid": grid,
             "jpeg_quality": config.jpeg_quality,
+            "jpeg_subsampling": JPEG_SUBSAMPLING,
             "normalization": "none: uint8 RGB; the trainer applies the ImageNet mean and std",
         },
         "targets": {

@@ -830,3 +830,18 @@ def test_fidelity_constant_patches():
 def test_fidelity_shape_mismatch_raises():
     with pytest.raises(ValueError, match="share one shape"):
         fidelity_report(_gaussian((1, 2, 4)), _gaussian((1, 2, 5)))
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "bf16", "int8-channel", "int8-token", "pca-4"])
+def test_decode_tensor_matches_decode(name):
+    rng = np.random.default_rng(0)
+    targets = rng.normal(size=(6, 5, 8)).astype(np.float32)
+    codec = build_codec(name)
+    codec.fit(targets)
+    parts = codec.encode(targets)
+
+    tensor = codec.decode_tensor(parts)
+    expected_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name, torch.float32)
+    assert tensor.dtype == expected_dtype
+    assert tensor.shape == (6, 5, 8)
+    assert torch.equal(tensor.float(), torch.from_numpy(codec.decode(parts)))

@@ -8,6 +8,7 @@ their parameters on a calibration slice. Those parameters travel in the cache th
 from abc import ABC, abstractmethod
 
 import numpy as np
+import torch
 
 from pipeline.codecs.lossless import DEFAULT_ZSTD_LEVEL
 from pipeline.errors import CorruptCacheError
@@ -147,6 +148,15 @@ class TargetCodec(ABC):
         """Decode parts from encode() into float32 targets [N, L, D]."""
         check_parts(self.name, parts, set(self.part_names))
         return self._decode(parts)
+
+    def decode_tensor(self, parts: dict[str, np.ndarray]) -> torch.Tensor:
+        """Decode parts into a tensor [N, L, D] of the narrowest exact dtype.
+
+        Float32 unless a codec overrides it: fp16 and bf16 return their stored values without
+        conversion, so a loader worker skips the float32 pass and the trainer converts on its
+        device.
+        """
+        return torch.from_numpy(self.decode(parts))
 
     def describe(self) -> dict:
         """JSON-ready description for the cache manifest."""

@@ -1,8 +1,9 @@
 """Codecs that store each target value as a narrower float: fp32 (exact), fp16 and bf16."""
 
 import numpy as np
+import torch
 
-from pipeline.codecs.base import PartSpecs, TargetCodec, TargetRangeError
+from pipeline.codecs.base import PartSpecs, TargetCodec, TargetRangeError, check_parts
 
 FP16_MAX = float(np.finfo(np.float16).max)
 BF16_EXPONENT_MASK = 0x7F80
@@ -52,6 +53,10 @@ class Float16Codec(TargetCodec):
     def _decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         return parts["values"].astype(np.float32)
 
+    def decode_tensor(self, parts: dict[str, np.ndarray]) -> torch.Tensor:
+        check_parts(self.name, parts, set(self.part_names))
+        return torch.from_numpy(np.ascontiguousarray(parts["values"]))
+
 
 class BFloat16Codec(TargetCodec):
     """bfloat16 (float32 range, 8 significant bits) stored as the upper 16 bits in uint16."""
@@ -83,3 +88,8 @@ class BFloat16Codec(TargetCodec):
     def _decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         bits = parts["values"].astype(np.uint32) << 16
         return bits.view(np.float32)
+
+    def decode_tensor(self, parts: dict[str, np.ndarray]) -> torch.Tensor:
+        check_parts(self.name, parts, set(self.part_names))
+        values = np.ascontiguousarray(parts["values"]).view(np.int16)
+        return torch.from_numpy(values).view(torch.bfloat16)

@@ -136,7 +136,8 @@ class CachedViews(torch.utils.data.Dataset):
             images: uint8 [B, 3, H, W] student views, or, when JPEG decoding is left to the GPU,
                 jpeg: uint8 [total bytes] the batch's JPEG files back to back, with
                 jpeg_offsets: int64 [B + 1];
-            targets: float32 [B, L, D] decoded, not yet normalized;
+            targets: [B, L, D] decoded, not yet normalized: float16 or bfloat16 for those codecs
+                (the trainer converts on its device), float32 otherwise;
             mask: bool [B, Gh, Gw], True = masked;
             image_index: int64 [B]; sample_id: int64 [B].
         """
@@ -162,9 +163,8 @@ class CachedViews(torch.utils.data.Dataset):
             for i, row in zip(chosen.tolist(), rows[chosen].tolist()):
                 jpeg[i] = piece.jpeg_at(row)
 
-        targets = self.codec.decode(parts)
         batch = {
-            "targets": torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32)),
+            "targets": self.codec.decode_tensor(parts),
             "image_index": torch.from_numpy(image_index),
             "sample_id": torch.from_numpy(sample_ids),
             "mask": torch.from_numpy(sample_masks(self.mask_config, self.seed, epoch, image_index)),

@@ -107,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = args.only or BENCHMARKS
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_average_start = round(os.getloadavg()[0], 2)
+    # read before the run, because other commits may land in this checkout while it runs
+    revision = git_revision(REPO)
 
     results = []
     for name in names:
@@ -120,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     command = shlex.join(["python", "-m", "benchmarks.run_all", *(argv if argv is not None else sys.argv[1:])])
     machine = {**machine_description(), "load_average_start": load_average_start}
-    page = render_markdown(results, machine, command, date, git_revision(REPO), args.quick)
+    page = render_markdown(results, machine, command, date, revision, args.quick)
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text(page)
     logger.info("wrote %s", args.doc)

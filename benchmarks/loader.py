@@ -120,7 +120,7 @@ def component_rates(root: Path, batch_size: int, repeats: int) -> dict[str, floa
     """Time the parts of a batch alone and return samples/s of each.
 
     The parts: reading a shard's view slice (sha256 already checked), decoding the targets of
-    one batch, and sampling its masks.
+    one batch as the loader does (`decode_tensor`), and sampling its masks.
     """
     reader = CacheReader(root)
     record = reader.shards[0]
@@ -135,7 +135,7 @@ def component_rates(root: Path, batch_size: int, repeats: int) -> dict[str, floa
 
     return {
         "shard_read_per_s": record.num_images / read_seconds,
-        "target_decode_per_s": count / _best_seconds(lambda: codec.decode(parts), repeats),
+        "target_decode_per_s": count / _best_seconds(lambda: codec.decode_tensor(parts), repeats),
         "mask_sampling_per_s": count / _best_seconds(lambda: sample_masks(mask_config, 0, 0, range(count)), repeats),
     }
 

@@ -57,6 +57,10 @@ def _options(**values) -> dict:
 
 def _config(cls, section: str, preset: Optional[Path], options: dict):
     values = load_preset(preset, section) if preset is not None else {}
+    # the training length is one choice: --steps on the command line replaces a preset's epochs
+    for given, replaced in (("steps", "epochs"), ("epochs", "steps")):
+        if given in options and replaced not in options:
+            values.pop(replaced, None)
     return resolve_config(cls, values, options, source=str(preset) if preset else "options")
 
 
@@ -67,23 +71,23 @@ CONFIG_HELP = "YAML preset (see configs/); options given on the command line ove
 def cache_targets(
     data: Optional[str] = typer.Option(None, help="Input: a folder of images (searched recursively) or webdataset .tar shards (a file, a folder, or a brace pattern)."),
     out: Optional[str] = typer.Option(None, help="Cache folder to create, or to resume with the same settings."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher name, e.g. clip_vit_large_patch14, openclip_vit_huge_patch14 or pixel. [default: clip_vit_large_patch14]"),
+    teacher: Optional[str] = typer.Option(None, help="Teacher name, e.g. clip_vit_large_patch14, openclip_vit_huge_patch14 or pixel. (default: clip_vit_large_patch14)"),
     teacher_weights: Optional[str] = typer.Option(None, help="Teacher weights: omit for the published weights, a local checkpoint file, or 'random' for smoke tests (not CLIP)."),
-    img_size: Optional[int] = typer.Option(None, help="Student input size in pixels per side. [default: 224]"),
-    student_patch_size: Optional[int] = typer.Option(None, help="Student patch size in pixels; with --img-size it fixes the target grid. [default: 16]"),
-    views: Optional[int] = typer.Option(None, help="Augmented views stored per image. [default: 1]"),
-    seed: Optional[int] = typer.Option(None, help="Seed of the view parameters. [default: 0]"),
-    batch_size: Optional[int] = typer.Option(None, help="Views per teacher forward pass. [default: 64]"),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes decoding and rendering views. [default: 4]"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N. [default: auto]"),
-    codec: Optional[str] = typer.Option(None, help="Target codec: fp16, bf16, int8-channel, int8-token, pca-K; add +zstd for lossless compression. [default: fp16]"),
-    format: Optional[str] = typer.Option(None, "--format", help="Cache format: zarr (local disk) or wds (webdataset tar shards, one tar per shard and view). [default: zarr]"),
-    shard_size: Optional[int] = typer.Option(None, help="Source images per shard, the unit of writing, resuming and splitting across torchrun ranks: one zarr group, or with --format wds one tar of this many images per view. [default: 256]"),
-    jpeg_quality: Optional[int] = typer.Option(None, help="JPEG quality of the stored student views, 90 to 100. [default: 95]"),
-    calibration_images: Optional[int] = typer.Option(None, help="Images whose view 0 fits the int8-channel and pca codecs. [default: 256]"),
-    fidelity_views: Optional[int] = typer.Option(None, help="Held-out views on which the stored targets are compared with exact ones. [default: 64]"),
-    max_bad_fraction: Optional[float] = typer.Option(None, help="Stop when more than this fraction of inputs cannot be used. [default: 0.01]"),
-    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Stop at the first input that cannot be used. [default: no-strict]"),
+    img_size: Optional[int] = typer.Option(None, help="Student input size in pixels per side. (default: 224)"),
+    student_patch_size: Optional[int] = typer.Option(None, help="Student patch size in pixels; with --img-size it fixes the target grid. (default: 16)"),
+    views: Optional[int] = typer.Option(None, help="Augmented views stored per image. (default: 1)"),
+    seed: Optional[int] = typer.Option(None, help="Seed of the view parameters. (default: 0)"),
+    batch_size: Optional[int] = typer.Option(None, help="Views per teacher forward pass. (default: 64)"),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes decoding and rendering views. (default: 4)"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N. (default: auto)"),
+    codec: Optional[str] = typer.Option(None, help="Target codec: fp16, bf16, int8-channel, int8-token, pca-K; add +zstd for lossless compression. (default: fp16)"),
+    format: Optional[str] = typer.Option(None, "--format", help="Cache format: zarr (local disk) or wds (webdataset tar shards, one tar per shard and view). (default: zarr)"),
+    shard_size: Optional[int] = typer.Option(None, help="Source images per shard, the unit of writing, resuming and splitting across torchrun ranks: one zarr group, or with --format wds one tar of this many images per view. (default: 256)"),
+    jpeg_quality: Optional[int] = typer.Option(None, help="JPEG quality of the stored student views, 90 to 100. (default: 95)"),
+    calibration_images: Optional[int] = typer.Option(None, help="Images whose view 0 fits the int8-channel and pca codecs. (default: 256)"),
+    fidelity_views: Optional[int] = typer.Option(None, help="Held-out views on which the stored targets are compared with exact ones. (default: 64)"),
+    max_bad_fraction: Optional[float] = typer.Option(None, help="Stop when more than this fraction of inputs cannot be used. (default: 0.01)"),
+    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Stop at the first input that cannot be used. (default: no-strict)"),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
 ) -> None:
     """Stage one: run the frozen teacher once over recorded views and write the target cache."""
@@ -102,43 +106,43 @@ def cache_targets(
 @app.command()
 def pretrain(
     out: Optional[str] = typer.Option(None, help="Run folder for checkpoints, metrics and the resolved config."),
-    student: Optional[str] = typer.Option(None, help="Student name, e.g. vit_base_patch16 or swin_tiny_patch4. [default: vit_base_patch16]"),
+    student: Optional[str] = typer.Option(None, help="Student name, e.g. vit_base_patch16 or swin_tiny_patch4. (default: vit_base_patch16)"),
     cache: Optional[str] = typer.Option(None, help="Cache written by cache-targets (use this, or --teacher with --data)."),
     teacher: Optional[str] = typer.Option(None, help="Online teacher name: runs the teacher every step instead of reading a cache."),
     teacher_weights: Optional[str] = typer.Option(None, help="Online teacher weights: a local checkpoint file, 'random', or omit for the published ones."),
     data: Optional[str] = typer.Option(None, help="Images for the online teacher (folder or webdataset shards)."),
-    img_size: Optional[int] = typer.Option(None, help="Student input size in pixels; must match the cache. [default: 224]"),
-    views: Optional[int] = typer.Option(None, help="Online teacher only: number of view indices to cycle through. [default: 1]"),
-    shard_size: Optional[int] = typer.Option(None, help="Online teacher only: images per group of the epoch order (as the cache's shard size). [default: 256]"),
-    head: Optional[str] = typer.Option(None, help="Prediction head: fc (linear) or vit (small transformer decoder). [default: fc]"),
-    head_depth: Optional[int] = typer.Option(None, help="Blocks of the vit head. [default: 2]"),
-    head_width: Optional[int] = typer.Option(None, help="Width of the vit head. [default: 384]"),
+    img_size: Optional[int] = typer.Option(None, help="Student input size in pixels; must match the cache. (default: 224)"),
+    views: Optional[int] = typer.Option(None, help="Online teacher only: number of view indices to cycle through. (default: 1)"),
+    shard_size: Optional[int] = typer.Option(None, help="Online teacher only: images per group of the epoch order (as the cache's shard size). (default: 256)"),
+    head: Optional[str] = typer.Option(None, help="Prediction head: fc (linear) or vit (small transformer decoder). (default: fc)"),
+    head_depth: Optional[int] = typer.Option(None, help="Blocks of the vit head. (default: 2)"),
+    head_width: Optional[int] = typer.Option(None, help="Width of the vit head. (default: 384)"),
     epochs: Optional[int] = typer.Option(None, help="Training length in epochs (or use --steps)."),
     steps: Optional[int] = typer.Option(None, help="Training length in optimizer steps (or use --epochs)."),
-    batch_size: Optional[int] = typer.Option(None, help="Samples per process and step; the global batch is this times the number of processes. [default: 64]"),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per process and step; the global batch is this times the number of processes. (default: 64)"),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate; when omitted it is --blr x global batch / 256."),
-    blr: Optional[float] = typer.Option(None, help="Base learning rate per 256 samples. [default: 1.875e-4, i.e. 1.5e-3 at batch 2048]"),
-    min_lr: Optional[float] = typer.Option(None, help="Learning rate at the end of the cosine schedule. [default: 1e-5]"),
+    blr: Optional[float] = typer.Option(None, help="Base learning rate per 256 samples. (default: 1.875e-4, i.e. 1.5e-3 at batch 2048)"),
+    min_lr: Optional[float] = typer.Option(None, help="Learning rate at the end of the cosine schedule. (default: 1e-5)"),
     warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup length in steps (overrides --warmup-epochs)."),
-    warmup_epochs: Optional[float] = typer.Option(None, help="Linear warmup length in epochs. [default: 10]"),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (not on norms, biases, tokens, position tables). [default: 0.05]"),
-    clip_grad: Optional[float] = typer.Option(None, help="Maximum gradient norm. [default: 3.0]"),
-    mask_ratio: Optional[float] = typer.Option(None, help="Fraction of patches masked, strictly between 0 and 1. [default: 0.4]"),
-    min_mask_block: Optional[int] = typer.Option(None, help="Minimum patches per mask block. [default: 16]"),
-    loss: Optional[str] = typer.Option(None, help="smooth_l1, l1 or l2, on masked patches only. [default: smooth_l1]"),
-    smooth_l1_beta: Optional[float] = typer.Option(None, help="Beta of the smooth L1 loss: the error size where it turns from quadratic to linear. [default: 1.0]"),
-    target_norm: Optional[str] = typer.Option(None, help="layernorm (per patch, no affine) or none. [default: layernorm]"),
+    warmup_epochs: Optional[float] = typer.Option(None, help="Linear warmup length in epochs. (default: 10)"),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (not on norms, biases, tokens, position tables). (default: 0.05)"),
+    clip_grad: Optional[float] = typer.Option(None, help="Maximum gradient norm. (default: 3.0)"),
+    mask_ratio: Optional[float] = typer.Option(None, help="Fraction of patches masked, strictly between 0 and 1. (default: 0.4)"),
+    min_mask_block: Optional[int] = typer.Option(None, help="Minimum patches per mask block. (default: 16)"),
+    loss: Optional[str] = typer.Option(None, help="smooth_l1, l1 or l2, on masked patches only. (default: smooth_l1)"),
+    smooth_l1_beta: Optional[float] = typer.Option(None, help="Beta of the smooth L1 loss: the error size where it turns from quadratic to linear. (default: 1.0)"),
+    target_norm: Optional[str] = typer.Option(None, help="layernorm (per patch, no affine) or none. (default: layernorm)"),
     drop_path: Optional[float] = typer.Option(None, help="Stochastic depth rate; default per student size."),
-    val_fraction: Optional[float] = typer.Option(None, help="Fraction of samples held out for the validation loss. [default: 0.01]"),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Keep a numbered checkpoint every N steps (the last one is always kept). [default: 1000]"),
-    log_every: Optional[int] = typer.Option(None, help="Log and record metrics every N steps. [default: 20]"),
-    seed: Optional[int] = typer.Option(None, help="Seed of masks, data order and initialization. [default: 0]"),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes. [default: 4]"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N. [default: auto]"),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the model with torch.compile. [default: no-compile]"),
-    gpu_decode: Optional[bool] = typer.Option(None, "--gpu-decode/--no-gpu-decode", help="Decode JPEG views on the GPU (CUDA only). [default: no-gpu-decode]"),
+    val_fraction: Optional[float] = typer.Option(None, help="Fraction of samples held out for the validation loss. (default: 0.01)"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Keep a numbered checkpoint every N steps (the last one is always kept). (default: 1000)"),
+    log_every: Optional[int] = typer.Option(None, help="Log and record metrics every N steps. (default: 20)"),
+    seed: Optional[int] = typer.Option(None, help="Seed of masks, data order and initialization. (default: 0)"),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes. (default: 4)"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N. (default: auto)"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the model with torch.compile. (default: no-compile)"),
+    gpu_decode: Optional[bool] = typer.Option(None, "--gpu-decode/--no-gpu-decode", help="Decode JPEG views on the GPU (CUDA only). (default: no-gpu-decode)"),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out from its last checkpoint."),
-    log_samples: Optional[bool] = typer.Option(None, "--log-samples/--no-log-samples", help="Write the image indices of every step, one file per process, to RUN/samples/rank<r>.jsonl for auditing. [default: no-log-samples]"),
+    log_samples: Optional[bool] = typer.Option(None, "--log-samples/--no-log-samples", help="Write the image indices of every step, one file per process, to RUN/samples/rank<r>.jsonl for auditing. (default: no-log-samples)"),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
 ) -> None:
     """Stage two: train the masked student from a cache, or with the teacher online."""
@@ -168,13 +172,14 @@ def extract_student(
     keep_layer_scale_gamma: bool = typer.Option(False, "--keep-layer-scale-gamma", help="Keep layer scale as gamma parameters instead of folding it into the projection weights."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load checkpoints that contain arbitrary Python objects (only for files you trust)."),
     verify: bool = typer.Option(False, "--verify", help="Load the written weights into the timm model with strict=True and compare its features with the student's."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --output file if it exists."),
 ) -> None:
     """Write the student of a checkpoint as weights that timm loads with strict=True."""
     from stages.extract_student import ExtractStudentConfig, run_extract_student
 
     config = ExtractStudentConfig(
         checkpoint=checkpoint, output=output, output_format=output_format, keep_rel_pos_bias=keep_rel_pos_bias,
-        keep_layer_scale_gamma=keep_layer_scale_gamma, allow_pickle=allow_pickle,
+        keep_layer_scale_gamma=keep_layer_scale_gamma, allow_pickle=allow_pickle, overwrite=overwrite,
     )
     typer.echo(run_extract_student(config, verify=verify))
 

@@ -181,6 +181,8 @@ def _check_config(config: CacheConfig) -> None:
         raise UsageError(
             f"--img-size {config.img_size} is not a multiple of --student-patch-size {config.student_patch_size}"
         )
+    if config.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {config.workers}")
     if not 0.0 <= config.max_bad_fraction <= 1.0:
         raise UsageError(f"--max-bad-fraction must lie in [0, 1], got {config.max_bad_fraction}")
 

@@ -35,6 +35,18 @@ class ExtractStudentConfig:
     keep_rel_pos_bias: bool = False  # export a timm Beit that keeps the relative position bias tables
     keep_layer_scale_gamma: bool = False  # keep layer scale as parameters instead of folding it
     allow_pickle: bool = False  # load checkpoints with arbitrary Python objects (trusted files only)
+    overwrite: bool = False  # replace an existing output file
+
+
+def check_output_path(config: ExtractStudentConfig) -> None:
+    """Reject an output that is the input checkpoint, a folder, or an existing file without overwrite."""
+    output = Path(config.output)
+    if output.exists() and output.resolve() == Path(config.checkpoint).resolve():
+        raise UsageError(f"--output {output} is the input checkpoint; choose another file name")
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a folder; pass a file name such as {output / 'student.safetensors'}")
+    if output.exists() and not config.overwrite:
+        raise UsageError(f"--output {output} already exists; pass --overwrite to replace it or choose another name")
 
 
 def run_extract_student(config: ExtractStudentConfig, verify: bool = False) -> str:
@@ -43,6 +55,7 @@ def run_extract_student(config: ExtractStudentConfig, verify: bool = False) -> s
     With `verify`, the written weights are also loaded into timm and compared with the student
     (see `verify_extracted`), and the result is appended to the returned text.
     """
+    check_output_path(config)
     logger.info("extracting the student of %s to %s", config.checkpoint, config.output)
     call = extract_student(
         config.checkpoint,
@@ -90,6 +103,8 @@ def verify_extracted(config: ExtractStudentConfig, call: TimmCall, tolerance: fl
     with torch.no_grad():
         ours = student(images, None)
         theirs = model.forward_features(images)
+    # timm's Swin returns NHWC feature maps [B, H, W, C], our student tokens [B, H * W, C]
+    theirs = theirs.reshape(ours.shape)
     difference = (ours - theirs).abs().max().item()
     if difference > tolerance:
         raise UsageError(

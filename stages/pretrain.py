@@ -143,6 +143,17 @@ def _check_config(config: PretrainConfig) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if not 0.0 <= config.val_fraction < 1.0:
         raise UsageError(f"--val-fraction must lie in [0, 1), got {config.val_fraction}")
+    if config.target_norm not in TARGET_NORMS:
+        raise UsageError(f"--target-norm must be one of {', '.join(TARGET_NORMS)}, got {config.target_norm!r}")
+    for name in ("lr", "blr"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name} must be positive, got {value}")
+    if config.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {config.workers}")
+
+
+TARGET_NORMS = ("layernorm", "none")
 
 
 def _check_run_dir(run_dir: Path, config: PretrainConfig) -> Path | None:

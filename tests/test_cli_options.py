@@ -1,0 +1,82 @@
+"""Command-line details found by using the tool: option precedence, overwrite guards, checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers.tiny_runs import run_cli
+
+from pipeline.config import PretrainConfig
+from pipeline.errors import UsageError
+from stages.extract_student import ExtractStudentConfig, check_output_path
+from stages.pretrain import _check_config
+
+
+def test_steps_replace_preset_epochs(tmp_path: Path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(yaml.safe_dump({"pretrain": {"epochs": 3}}))
+    result = run_cli(["pretrain", "--config", str(preset), "--steps", "2", "--out", str(tmp_path / "run")])
+    # the run stops later, at the missing cache, not at "exactly one of --epochs and --steps"
+    assert result.returncode == 2
+    assert "exactly one of" not in result.stderr
+    assert "--cache" in result.stderr
+
+
+def test_help_shows_defaults():
+    result = run_cli(["cache-targets", "--help"])
+    assert result.returncode == 0
+    assert "(default: 224)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("changes", "option"),
+    [({"target_norm": "batch"}, "--target-norm"), ({"lr": -1.0}, "--lr"), ({"workers": -1}, "--workers")],
+)
+def test_pretrain_rejects_invalid_values(changes, option):
+    config = PretrainConfig(out="run", cache="cache", steps=1, **changes)
+    with pytest.raises(UsageError, match=option):
+        _check_config(config)
+
+
+def test_extract_rejects_overwriting_input(tmp_path: Path):
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"weights")
+    with pytest.raises(UsageError, match="input checkpoint"):
+        check_output_path(ExtractStudentConfig(checkpoint=checkpoint, output=checkpoint, overwrite=True))
+    assert checkpoint.read_bytes() == b"weights"
+
+
+def test_extract_rejects_existing_output(tmp_path: Path):
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"weights")
+    output = tmp_path / "student.safetensors"
+    output.write_bytes(b"old")
+    with pytest.raises(UsageError, match="--overwrite"):
+        check_output_path(ExtractStudentConfig(checkpoint=checkpoint, output=output))
+    check_output_path(ExtractStudentConfig(checkpoint=checkpoint, output=output, overwrite=True))
+    with pytest.raises(UsageError, match="folder"):
+        check_output_path(ExtractStudentConfig(checkpoint=checkpoint, output=tmp_path))
+
+
+def test_extract_verify_swin_student(tmp_path: Path):
+    import torch
+
+    from pipeline.students import build_student
+    from stages.extract_student import run_extract_student
+
+    overrides = {"embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 2)}
+    student = build_student("swin_tiny_patch4", 224, drop_path_rate=0.0, overrides=overrides)
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save(
+        {
+            "model": {f"student.{key}": value for key, value in student.state_dict().items()},
+            "config": {"student": "swin_tiny_patch4", "img_size": 224, "student_overrides": overrides},
+        },
+        checkpoint,
+    )
+    output = tmp_path / "student.safetensors"
+    text = run_extract_student(ExtractStudentConfig(checkpoint=checkpoint, output=output), verify=True)
+    assert "SwinTransformer" in text
+    assert "# verified" in text

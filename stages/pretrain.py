@@ -225,9 +225,16 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
 RUN_DEFINING = ("student", "cache", "teacher", "data", "head", "img_size", "mask_ratio", "loss", "target_norm", "seed")
 
 
+PATH_SETTINGS = ("cache", "data")
+
+
 def _check_same_run(saved: dict, config: PretrainConfig, path: Path) -> None:
     current = config_to_dict(config)
     for name in RUN_DEFINING:
+        if name in PATH_SETTINGS and saved.get(name) and current.get(name):
+            # the same folder, named from another working directory or with a trailing slash
+            if Path(saved[name]).resolve() == Path(current[name]).resolve():
+                continue
         if saved.get(name) != current.get(name):
             raise UsageError(
                 f"--resume with {name}={current.get(name)!r}, but the run in {path.parent} was started with "

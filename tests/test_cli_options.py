@@ -80,3 +80,26 @@ def test_extract_verify_swin_student(tmp_path: Path):
     text = run_extract_student(ExtractStudentConfig(checkpoint=checkpoint, output=output), verify=True)
     assert "SwinTransformer" in text
     assert "# verified" in text
+
+
+def test_pretrain_checks_cache_files_before_training(tmp_path: Path):
+    import json
+
+    from helpers.tiny_runs import copy_photos, tiny_cache_config, tiny_pretrain_config, write_teacher_checkpoint
+
+    from pipeline.errors import CorruptCacheError
+    from stages.cache_targets import run_cache_targets
+    from stages.pretrain import run_pretrain
+
+    photos = copy_photos(tmp_path / "photos", 8)
+    cache = tmp_path / "cache"
+    run_cache_targets(tiny_cache_config(photos, cache, write_teacher_checkpoint(tmp_path), views=1))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    last_shard = manifest["shards"][-1]
+    chunk = next(name for name in last_shard["files"] if "/c/" in name)
+    (cache / chunk).unlink()
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(CorruptCacheError, match="missing"):
+        run_pretrain(tiny_pretrain_config(run_dir, cache=str(cache), steps=2))
+    assert not (run_dir / "metrics.jsonl").exists()

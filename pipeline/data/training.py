@@ -21,7 +21,7 @@ from pipeline.data.online import OnlineViews, image_groups
 from pipeline.data.order import SHARD_WINDOW, interleave_streams, plan_epoch
 from pipeline.distributed import read_torchrun_env
 from pipeline.engine import StepSettings, autocast_context, normalize_images, prepare_targets
-from pipeline.errors import CacheMismatchError, UsageError
+from pipeline.errors import CacheMismatchError, CorruptCacheError, UsageError
 from pipeline.masking import MaskConfig
 
 logger = logging.getLogger(__name__)
@@ -176,6 +176,7 @@ def build_training_data(config: PretrainConfig, student, mask_config: MaskConfig
 def _cached_data(config, student, mask_config, device) -> TrainingData:
     reader = CacheReader(config.cache)
     check_cache_fits_student(reader.manifest["settings"], student, config)
+    check_cache_files_exist(reader)
     gpu_decode = config.gpu_decode and device.type == "cuda"
     if config.gpu_decode and not gpu_decode:
         logger.warning("--gpu-decode needs CUDA; decoding JPEG views in the loader workers instead")
@@ -200,6 +201,21 @@ def _cached_data(config, student, mask_config, device) -> TrainingData:
         device=device,
         decode_on_device=gpu_decode,
     )
+
+
+def check_cache_files_exist(reader: CacheReader) -> None:
+    """Raise CorruptCacheError before the first step when a file listed in the manifest is missing.
+
+    This costs one stat per file. The sha256 of each shard is checked when a worker first reads it.
+    """
+    for record in reader.shards:
+        for name in record.files:
+            if not (reader.root / name).is_file():
+                raise CorruptCacheError(
+                    f"cache {reader.root} is damaged: {name} of shard {record.name} is missing; run "
+                    f"maskdistill verify {reader.root}, then delete {record.name}.done.json and rerun "
+                    "cache-targets with the same settings to rewrite that shard"
+                )
 
 
 def check_cache_fits_student(manifest: dict, student, config: PretrainConfig) -> None:

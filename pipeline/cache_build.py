@@ -304,7 +304,7 @@ def finalize_cache(job: ShardJob, writer: CacheWriter, ranges: list[tuple[int, i
         },
         "source_path": str(Path(job.config.data).resolve()),
         "packages": package_versions(),
-        "last_run_seconds": round(elapsed, 1),
+        "last_run_seconds": round(elapsed, 3),
     }
     manifest = writer.finalize(extra, expected_shards=len(ranges))
     logger.info(

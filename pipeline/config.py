@@ -155,9 +155,31 @@ def _coerce(spec: dataclasses.Field, value: Any, source: str) -> Any:
                 f"unknown key 'augment.{unknown[0]}' in {source}; valid keys: {', '.join(sorted(valid))}"
             )
         return AugmentConfig.from_dict(value)
+    if not _matches_annotation(value, str(spec.type)):
+        raise UsageError(f"key {spec.name!r} in {source} must be {spec.type}, got {value!r}")
     if isinstance(value, list):
         return tuple(value)
     return value
+
+
+def _matches_annotation(value: Any, annotation: str) -> bool:
+    """Check a YAML value against a field annotation such as "int", "float | None" or "tuple[float, float]"."""
+    for option in (part.strip() for part in annotation.split("|")):
+        if option == "None" and value is None:
+            return True
+        if option == "bool" and isinstance(value, bool):
+            return True
+        if option == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if option == "str" and isinstance(value, str):
+            return True
+        if option.startswith("tuple") and isinstance(value, (list, tuple)):
+            return True
+        if option.startswith("dict") and isinstance(value, dict):
+            return True
+    return False
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -103,3 +103,24 @@ def test_pretrain_checks_cache_files_before_training(tmp_path: Path):
     with pytest.raises(CorruptCacheError, match="missing"):
         run_pretrain(tiny_pretrain_config(run_dir, cache=str(cache), steps=2))
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("compile", "no"), ("epochs", 1.7), ("epochs", "three"), ("betas", 0.9), ("lr", "fast"), ("student", 3)],
+)
+def test_preset_value_of_wrong_type(key, value):
+    from pipeline.config import resolve_config
+
+    with pytest.raises(UsageError, match=key):
+        resolve_config(PretrainConfig, {key: value}, {}, source="preset.yaml")
+
+
+def test_preset_values_of_right_type():
+    from pipeline.config import resolve_config
+
+    preset = {"epochs": 3, "lr": 1, "betas": [0.9, 0.95], "compile": True, "drop_path": None, "student": "vit_tiny_patch16"}
+    config = resolve_config(PretrainConfig, preset, {}, source="preset.yaml")
+    assert config.betas == (0.9, 0.95)
+    assert config.lr == 1
+    assert config.compile is True

@@ -284,7 +284,14 @@ def test_kill_at_random_step_resumes_same(tmp_path: Path, preset: Path, cache: P
 
     resume(preset, cache, run_dir)
 
-    assert read_losses(run_dir) == straight_losses
+    # NOTE: the straight run is in the pytest process and the killed one in a subprocess; on a
+    # loaded machine their losses once differed in the 7th significant digit (CPU kernels split
+    # across threads), so this compares to 1e-6. In-process resume is checked bit for bit in
+    # test_end_to_end.py.
+    resumed = read_losses(run_dir)
+    assert sorted(resumed) == sorted(straight_losses)
+    for step, loss in straight_losses.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-6, abs=0)
 
 
 def test_checkpoint_with_nan_not_written(tmp_path: Path):

@@ -212,7 +212,7 @@ def check_cache_files_exist(reader: CacheReader) -> None:
         for name in record.files:
             if not (reader.root / name).is_file():
                 raise CorruptCacheError(
-                    f"cache {reader.root} is damaged: {name} of shard {record.name} is missing; run "
+                    f"cache shard {record.name} of {reader.root} is damaged: {name} is missing; run "
                     f"maskdistill verify {reader.root}, then delete {record.name}.done.json and rerun "
                     "cache-targets with the same settings to rewrite that shard"
                 )

@@ -2,7 +2,7 @@
 
 Every option that changes what a run computes can also come from a YAML preset (`--config`),
 and an option given on the command line wins over the preset. User-fixable errors print one
-line and exit with code 2, unless `--debug` asks for the traceback.
+line and exit with code 2. With `--debug` they show the traceback instead.
 """
 
 from __future__ import annotations

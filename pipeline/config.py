@@ -38,7 +38,7 @@ class CacheConfig:
     device: str = "auto"
     codec: str = "fp16"
     format: str = "zarr"
-    # A shard's view slice is one zarr chunk that a loader worker holds whole: 256 views of
+    # A shard's view slice is one zarr chunk that a loader worker keeps whole: 256 views of
     # CLIP ViT-L/14 targets in fp16 are about 100 MB.
     shard_size: int = 256
     jpeg_quality: int = 95

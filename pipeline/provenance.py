@@ -1,4 +1,4 @@
-"""What produced an output: package versions, git revision and command line."""
+"""Provenance of an output: package versions, git revision and command line."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def package_versions() -> dict[str, str]:
 
 
 def git_revision(folder: Path | None = None) -> str | None:
-    """The commit of the checkout that holds this package, with "-dirty" when it has changes."""
+    """Return the commit of the checkout that contains this package, with "-dirty" when it has changes."""
     folder = folder or Path(__file__).resolve().parent.parent
     try:
         revision = subprocess.run(

@@ -284,10 +284,9 @@ def test_kill_at_random_step_resumes_same(tmp_path: Path, preset: Path, cache: P
 
     resume(preset, cache, run_dir)
 
-    # NOTE: the straight run is in the pytest process and the killed one in a subprocess; on a
-    # loaded machine their losses once differed in the 7th significant digit (CPU kernels split
-    # across threads), so this compares to 1e-6. In-process resume is checked bit for bit in
-    # test_end_to_end.py.
+    # NOTE: the straight run is in the pytest process and the killed one in a subprocess. On a
+    # loaded machine their losses once differed in the 7th significant digit, so this compares
+    # to 1e-6. In-process resume is checked bit for bit in test_end_to_end.py.
     resumed = read_losses(run_dir)
     assert sorted(resumed) == sorted(straight_losses)
     for step, loss in straight_losses.items():

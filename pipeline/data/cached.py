@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Where each sample id of one view lives: shard ids and their first sample ids."""
+    """Location of each sample id of one view: shard ids and their first sample ids."""
 
     shard_ids: np.ndarray  # int64 [S]
     starts: np.ndarray  # int64 [S + 1], cumulative sample counts

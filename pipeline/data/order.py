@@ -67,7 +67,7 @@ def global_batch_bounds(num_samples: int, global_batch: int, world_size: int) ->
 
 
 def rank_slice(start: int, stop: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The contiguous part of the global batch [start, stop) that belongs to `rank`."""
+    """Return the contiguous part of the global batch [start, stop) that belongs to `rank`."""
     size = stop - start
     lo = start + (size * rank) // world_size
     hi = start + (size * (rank + 1)) // world_size

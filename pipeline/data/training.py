@@ -1,4 +1,4 @@
-"""What the trainer needs from its data: train and validation sample ids, loaders, targets.
+"""Training data of a run: train and validation sample ids, loaders and targets.
 
 `build_training_data` hides the difference between a cache (targets decoded from storage) and
 the online teacher (targets computed on the device from teacher views).

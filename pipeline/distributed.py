@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # How long a collective waits for the other ranks before it raises, e.g. when one rank has stalled.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
+# The accepted --device strings. Other strings that torch accepts (mps, xpu, cpu:0) are rejected,
+# because the stages are tested on CPU and CUDA only.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -59,24 +63,41 @@ def read_torchrun_env() -> DistInfo:
     )
 
 
+def check_device(requested: str) -> None:
+    """Raise UsageError unless `requested` is one of the accepted forms: auto, cpu, cuda or cuda:N."""
+    if DEVICE_PATTERN.fullmatch(requested) is None:
+        raise UsageError(f"invalid --device {requested!r}: use auto, cpu, cuda or cuda:N (N is a GPU index)")
+
+
 def resolve_device(requested: str, info: DistInfo) -> torch.device:
-    """Map "auto", "cpu", "cuda" or "cuda:N" to a device; torchrun ranks get GPU LOCAL_RANK."""
+    """Map "auto", "cpu", "cuda" or "cuda:N" to a device; torchrun ranks get GPU LOCAL_RANK.
+
+    Raises UsageError for any other string, for a CUDA device when CUDA is not available, and
+    for a GPU index that is not visible.
+    """
+    check_device(requested)
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if not requested.startswith("cuda"):
-        return torch.device(requested)
+    if requested == "cpu":
+        return torch.device("cpu")
 
     if not torch.cuda.is_available():
-        raise UsageError(f"--device {requested} was requested but CUDA is not available; pass --device cpu")
+        raise UsageError(
+            f"--device {requested}: CUDA is not available on this machine; use --device cpu or --device auto"
+        )
+    count = torch.cuda.device_count()
     if requested != "cuda":
         if info.enabled:
             raise UsageError(
                 f"--device {requested} would put all {info.world_size} torchrun processes on one GPU; "
                 "pass --device cuda so that each process uses GPU LOCAL_RANK (select GPUs with CUDA_VISIBLE_DEVICES)"
             )
-        return torch.device(requested)
+        device = torch.device(requested)
+        if device.index >= count:
+            visible = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise UsageError(f"--device {requested}: GPU not found, the visible GPUs are {visible}; pass one of them")
+        return device
 
-    count = torch.cuda.device_count()
     if info.local_rank >= count:
         raise UsageError(
             f"torchrun process with LOCAL_RANK {info.local_rank} has no GPU of its own: {count} GPUs are visible; "

@@ -217,6 +217,30 @@ def test_zero_steps_rejected(tmp_path: Path, preset: Path, cache: Path):
     assert_one_line_error(result, "--steps must be at least 1, got 0")
 
 
+@pytest.mark.parametrize("command", ["cache-targets", "pretrain"])
+def test_unknown_device_one_line(tmp_path: Path, preset: Path, photos: Path, cache: Path, command: str):
+    if command == "cache-targets":
+        arguments = cache_targets_arguments(preset, photos, tmp_path / "out", "--device", "gpu")
+    else:
+        arguments = pretrain_arguments(preset, cache, tmp_path / "out", "--device", "gpu")
+
+    result = run_offline(arguments, tmp_path)
+
+    assert_one_line_error(result, "invalid --device 'gpu'", "auto, cpu, cuda or cuda:N")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_device_without_cuda(tmp_path: Path, preset: Path, cache: Path):
+    arguments = pretrain_arguments(preset, cache, tmp_path / "run", "--device", "cuda")
+    # an empty CUDA_VISIBLE_DEVICES hides every GPU, so this also holds on a machine with one
+    env = subprocess_env(HF_HOME=str(tmp_path / "hf-home"), CUDA_VISIBLE_DEVICES="")
+
+    result = run_cli(arguments, env=env)
+
+    assert_one_line_error(result, "--device cuda", "CUDA is not available", "--device cpu", "--device auto")
+    assert not (tmp_path / "run").exists()
+
+
 def test_published_weights_offline_names_option(tmp_path: Path, preset: Path, photos: Path):
     result = run_offline(cache_targets_arguments(preset, photos, tmp_path / "cache", "--teacher", TEACHER), tmp_path)
 

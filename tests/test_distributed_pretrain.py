@@ -240,11 +240,38 @@ def test_device_rejects_rank_without_gpu(two_gpus):
         resolve_device("cuda", DistInfo(rank=2, local_rank=2, world_size=3))
 
 
+def test_device_rejects_invisible_index(two_gpus):
+    with pytest.raises(UsageError) as error:
+        resolve_device("cuda:2", DistInfo())
+    assert "--device cuda:2" in str(error.value)
+    assert "cuda:0 to cuda:1" in str(error.value)
+
+
 def test_device_auto_without_cuda_is_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto", DistInfo(rank=1, local_rank=1, world_size=2)) == torch.device("cpu")
-    with pytest.raises(UsageError, match="--device cpu"):
-        resolve_device("cuda", DistInfo())
+    assert resolve_device("cpu", DistInfo()) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("requested", ["cuda", "cuda:0"])
+def test_device_cuda_without_cuda(monkeypatch, requested: str):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError) as error:
+        resolve_device(requested, DistInfo())
+    message = str(error.value)
+    assert f"--device {requested}" in message
+    assert "CUDA is not available" in message
+    assert "--device cpu" in message
+    assert "--device auto" in message
+
+
+@pytest.mark.parametrize("requested", ["gpu", "CPU", "cuda:x", "cuda:-1", "cpu:0", "mps", " cuda", ""])
+def test_device_invalid_string(requested: str):
+    with pytest.raises(UsageError) as error:
+        resolve_device(requested, DistInfo())
+    message = str(error.value)
+    assert f"invalid --device {requested!r}" in message
+    assert "auto, cpu, cuda or cuda:N" in message
 
 
 def test_torchrun_env_incomplete_is_rejected(monkeypatch):

@@ -1,4 +1,5 @@
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -833,15 +834,56 @@ def test_fidelity_shape_mismatch_raises():
 
 
 @pytest.mark.parametrize("name", ["fp32", "fp16", "bf16", "int8-channel", "int8-token", "pca-4"])
-def test_decode_tensor_matches_decode(name):
+def test_finish_matches_decode(name):
     rng = np.random.default_rng(0)
     targets = rng.normal(size=(6, 5, 8)).astype(np.float32)
     codec = build_codec(name)
     codec.fit(targets)
     parts = codec.encode(targets)
 
-    tensor = codec.decode_tensor(parts)
+    shipped = codec.loader_parts(parts)
+    finished = codec.finish(shipped)
     expected_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name, torch.float32)
-    assert tensor.dtype == expected_dtype
-    assert tensor.shape == (6, 5, 8)
-    assert torch.equal(tensor.float(), torch.from_numpy(codec.decode(parts)))
+    assert finished.dtype == expected_dtype
+    assert finished.shape == (6, 5, 8)
+    torch.testing.assert_close(finished.float(), torch.from_numpy(codec.decode(parts)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["int8-channel", "int8-token", "pca-4"])
+def test_loader_parts_keep_stored_bytes(name):
+    targets = np.random.default_rng(0).normal(size=(6, 5, 8)).astype(np.float32)
+    codec = build_codec(name)
+    codec.fit(targets)
+    parts = codec.encode(targets)
+
+    shipped = codec.loader_parts(parts)
+    assert set(shipped) == set(codec.part_names)
+    for part_name, part in parts.items():
+        assert shipped[part_name].numpy().dtype == part.dtype
+        assert np.array_equal(shipped[part_name].numpy(), part)
+
+
+def test_finish_follows_a_refit():
+    rng = np.random.default_rng(0)
+    first = rng.normal(size=(6, 5, 8)).astype(np.float32)
+    second = 10 + 3 * rng.normal(size=(6, 5, 8)).astype(np.float32)
+    codec = build_codec("pca-4")
+    codec.fit(first)
+    codec.finish(codec.loader_parts(codec.encode(first)))
+
+    codec.fit(second)
+    parts = codec.encode(second)
+    finished = codec.finish(codec.loader_parts(parts))
+    torch.testing.assert_close(finished, torch.from_numpy(codec.decode(parts)), rtol=1e-6, atol=1e-5)
+
+
+def test_pickled_codec_drops_device_copies():
+    targets = np.random.default_rng(0).normal(size=(6, 5, 8)).astype(np.float32)
+    codec = build_codec("int8-channel")
+    codec.fit(targets)
+    parts = codec.encode(targets)
+    before = codec.finish(codec.loader_parts(parts))
+
+    copy = pickle.loads(pickle.dumps(codec))
+    assert copy._device_state == {}
+    assert torch.equal(copy.finish(copy.loader_parts(parts)), before)

@@ -139,7 +139,7 @@ def test_panels_match_store_and_trainer(zarr_cache):
         assert panel.title.startswith(f"image {int(batch['image_index'][i])}, view 1")
         assert np.array_equal(panel.view, decode(jpegs[i]))
         assert np.array_equal(panel.mask, batch["mask"][i].numpy())
-    colors = pca_colors(batch["targets"].numpy(), GRID)
+    colors = pca_colors(dataset.finish_targets(batch["target_parts"]).numpy(), GRID)
     assert np.allclose(np.stack([panel.targets_rgb for panel in panels]), colors)
 
 

@@ -81,6 +81,8 @@ def stored_view(cache_dir: Path, view: int) -> dict[str, list]:
     """Image index, JPEG bytes and decoded targets of every sample id of one view, in sample id order."""
     reader = CacheReader(cache_dir)
     codec = build_codec(reader.manifest["settings"]["codec"]["name"])
+    if codec.needs_fit:
+        codec.load_state(reader.codec_state())
     stored = {"image_index": [], "jpeg": [], "targets": []}
     for record in sorted(reader.shards, key=lambda record: record.shard_id):
         data = reader.read_shard(record.shard_id, view)
@@ -135,14 +137,15 @@ def test_batches_equal_stored_samples(fixture: str, request):
         assert batch["images"].dtype == torch.uint8
         assert batch["images"].shape[1:] == (3, IMG_SIZE, IMG_SIZE)
         # fp16 targets stay fp16 in the loader; the trainer converts them on its device
-        assert batch["targets"].dtype == torch.float16
-        assert batch["targets"].shape[1:] == (36, 64)
+        targets = data.dataset.finish_targets(batch["target_parts"])
+        assert batch["target_parts"]["values"].dtype == torch.float16
+        assert targets.shape[1:] == (36, 64)
         for i, sample_id in enumerate(batch["sample_id"].tolist()):
             encoded = torch.frombuffer(bytearray(stored["jpeg"][sample_id]), dtype=torch.uint8)
             decoded = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB)
             assert int(batch["image_index"][i]) == stored["image_index"][sample_id]
             assert torch.equal(batch["images"][i], decoded)
-            np.testing.assert_array_equal(batch["targets"][i].float().numpy(), stored["targets"][sample_id])
+            np.testing.assert_array_equal(targets[i].float().numpy(), stored["targets"][sample_id])
 
 
 def test_masks_depend_on_seed_epoch_image(cache_dir: Path):
@@ -217,6 +220,25 @@ def test_device_decode_equals_worker_decode(cache_dir: Path):
         assert torch.equal(images_from_bytes, images)
         assert torch.equal(targets_again, targets)
         assert torch.equal(mask_again, mask)
+
+
+@pytest.mark.parametrize("codec", ["int8-channel", "int8-token+zstd", "pca-8"])
+def test_quantized_targets_finish_in_trainer(tmp_path: Path, codec: str):
+    photos = copy_photos(tmp_path / "photos", 6)
+    teacher = write_teacher_checkpoint(tmp_path)
+    config = tiny_cache_config(photos, tmp_path / "cache", teacher, codec=codec, shard_size=SHARD_SIZE)
+    run_cache_targets(config)
+    data = training_data(tmp_path / "cache", workers=1)
+    stored = stored_view(tmp_path / "cache", view=0)
+    part_dtypes = {name: dtype for name, (_, dtype) in data.dataset.reader.layout.parts.items()}
+
+    for batch in data.loader(epoch=0):
+        # the workers send the stored int8 codes and float16 scales, not float32 targets
+        assert {name: part.numpy().dtype for name, part in batch["target_parts"].items()} == part_dtypes
+        _, targets, _ = data.to_device(batch, torch.device("cpu"), SETTINGS)
+        expected = np.stack([stored["targets"][i] for i in batch["sample_id"].tolist()])
+        assert targets.dtype == torch.float32
+        np.testing.assert_allclose(targets.numpy(), expected, rtol=1e-6, atol=1e-5)
 
 
 def test_gpu_decode_falls_back_without_cuda(cache_dir: Path):

@@ -29,6 +29,9 @@ class Float32Codec(TargetCodec):
     def _decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         return np.array(parts["values"], dtype=np.float32)
 
+    def finish(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return parts["values"]
+
 
 class Float16Codec(TargetCodec):
     """IEEE half precision: 11 significant bits, so relative error <= 2**-11 for normal values."""
@@ -53,9 +56,8 @@ class Float16Codec(TargetCodec):
     def _decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         return parts["values"].astype(np.float32)
 
-    def decode_tensor(self, parts: dict[str, np.ndarray]) -> torch.Tensor:
-        check_parts(self.name, parts, set(self.part_names))
-        return torch.from_numpy(np.ascontiguousarray(parts["values"]))
+    def finish(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return parts["values"]
 
 
 class BFloat16Codec(TargetCodec):
@@ -89,7 +91,10 @@ class BFloat16Codec(TargetCodec):
         bits = parts["values"].astype(np.uint32) << 16
         return bits.view(np.float32)
 
-    def decode_tensor(self, parts: dict[str, np.ndarray]) -> torch.Tensor:
+    def loader_parts(self, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         check_parts(self.name, parts, set(self.part_names))
         values = np.ascontiguousarray(parts["values"]).view(np.int16)
-        return torch.from_numpy(values).view(torch.bfloat16)
+        return {"values": torch.from_numpy(values).view(torch.bfloat16)}
+
+    def finish(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return parts["values"]

@@ -4,6 +4,7 @@ Codes are symmetric in [-127, 127] so that zero deviation is exactly representab
 """
 
 import numpy as np
+import torch
 
 from pipeline.codecs.base import (
     CodecNotFittedError,
@@ -79,6 +80,9 @@ class Int8TokenCodec(TargetCodec):
 
     def _decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         return dequantize_per_token(parts["codes"], parts["scales"])
+
+    def finish(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return parts["codes"].float() * parts["scales"].float().unsqueeze(-1)
 
 
 class Int8ChannelCodec(TargetCodec):
@@ -161,6 +165,11 @@ class Int8ChannelCodec(TargetCodec):
     def _decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         self._require_fitted()
         return parts["codes"].astype(np.float32) * self.scale + self.offset
+
+    def finish(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        self._require_fitted()
+        codes = parts["codes"]
+        return codes.float() * self._state_tensor("scale", codes.device) + self._state_tensor("offset", codes.device)
 
     def _describe_parameters(self) -> dict:
         clipped_fraction = self.num_clipped / self.num_encoded if self.num_encoded else 0.0

@@ -5,6 +5,7 @@ The coefficients are stored as int8 with a float16 absmax scale per patch.
 """
 
 import numpy as np
+import torch
 
 from pipeline.codecs.base import (
     CodecNotFittedError,
@@ -131,6 +132,13 @@ class PCACodec(TargetCodec):
         num_views, num_patches, _ = coefficients.shape
         targets = coefficients.reshape(-1, self.num_components) @ self.components + self.mean
         return targets.reshape(num_views, num_patches, -1)
+
+    def finish(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        self._require_fitted()
+        codes = parts["codes"]
+        coefficients = codes.float() * parts["scales"].float().unsqueeze(-1)  # [N, L, K]
+        components = self._state_tensor("components", codes.device)  # [K, D]
+        return coefficients @ components + self._state_tensor("mean", codes.device)
 
     def _describe_parameters(self) -> dict:
         parameters = {

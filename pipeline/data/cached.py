@@ -136,8 +136,9 @@ class CachedViews(torch.utils.data.Dataset):
             images: uint8 [B, 3, H, W] student views, or, when JPEG decoding is left to the GPU,
                 jpeg: uint8 [total bytes] the batch's JPEG files back to back, with
                 jpeg_offsets: int64 [B + 1];
-            targets: [B, L, D] decoded, not yet normalized: float16 or bfloat16 for those codecs
-                (the trainer converts on its device), float32 otherwise;
+            target_parts: the codec's stored parts of the batch as tensors [B, ...] (int8 codes,
+                float16 scales, float16 values, ...); `finish_targets` decodes them on the
+                trainer's device;
             mask: bool [B, Gh, Gw], True = masked;
             image_index: int64 [B]; sample_id: int64 [B].
         """
@@ -164,7 +165,7 @@ class CachedViews(torch.utils.data.Dataset):
                 jpeg[i] = piece.jpeg_at(row)
 
         batch = {
-            "targets": self.codec.decode_tensor(parts),
+            "target_parts": self.codec.loader_parts(parts),
             "image_index": torch.from_numpy(image_index),
             "sample_id": torch.from_numpy(sample_ids),
             "mask": torch.from_numpy(sample_masks(self.mask_config, self.seed, epoch, image_index)),
@@ -177,6 +178,13 @@ class CachedViews(torch.utils.data.Dataset):
             batch["jpeg"] = torch.cat(jpeg)
             batch["jpeg_offsets"] = torch.tensor([0] + [len(data) for data in jpeg]).cumsum(0)
         return batch
+
+    def finish_targets(self, target_parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Decode a batch's `target_parts`, on their device, into targets [B, L, D], not normalized.
+
+        float16 or bfloat16 for those codecs, float32 otherwise.
+        """
+        return self.codec.finish(target_parts)
 
     def _visit_order(self, positions: np.ndarray, view: int) -> list[int]:
         """Shard positions of a batch: those in memory first, then the others in batch order.

@@ -140,7 +140,8 @@ class TrainingData:
             with torch.no_grad(), autocast_context(device, settings.autocast_dtype):
                 targets = self.teacher(batch["teacher_images"].to(device, non_blocking=True))
         else:
-            targets = batch["targets"].to(device, non_blocking=True)
+            parts = {name: part.to(device, non_blocking=True) for name, part in batch["target_parts"].items()}
+            targets = self.dataset.finish_targets(parts)
         return normalize_images(images), prepare_targets(targets, settings.target_norm), mask
 
 

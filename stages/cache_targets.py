@@ -41,6 +41,7 @@ from pipeline.distributed import (
     resolve_device,
 )
 from pipeline.errors import UsageError
+from pipeline.output_paths import check_output_folder
 from pipeline.sources import open_source
 from pipeline.teachers import Teacher, build_teacher
 from pipeline.views import PARAM_NAMES
@@ -167,6 +168,7 @@ def _check_config(config: CacheConfig) -> None:
         raise UsageError("missing --data: pass a folder of images or webdataset tar shards")
     if not config.out:
         raise UsageError("missing --out: pass the folder for the cache")
+    check_output_folder(config.out, "--out")
     if config.views < 1:
         raise UsageError(f"--views must be at least 1, got {config.views}")
     if config.batch_size < 1:

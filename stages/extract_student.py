@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UsageError
+from pipeline.output_paths import check_output_file
 from pipeline.extract import (
     OutputFormat,
     TimmCall,
@@ -39,7 +40,7 @@ class ExtractStudentConfig:
 
 
 def check_output_path(config: ExtractStudentConfig) -> None:
-    """Reject an output that is the input checkpoint, a folder, or an existing file without overwrite."""
+    """Reject an output that is the input checkpoint, a folder, an existing file without overwrite, or below a file."""
     output = Path(config.output)
     if output.exists() and output.resolve() == Path(config.checkpoint).resolve():
         raise UsageError(f"--output {output} is the input checkpoint; choose another file name")
@@ -47,6 +48,7 @@ def check_output_path(config: ExtractStudentConfig) -> None:
         raise UsageError(f"--output {output} is a folder; pass a file name such as {output / 'student.safetensors'}")
     if output.exists() and not config.overwrite:
         raise UsageError(f"--output {output} already exists; pass --overwrite to replace it or choose another name")
+    check_output_file(output, "--output")
 
 
 def run_extract_student(config: ExtractStudentConfig, verify: bool = False) -> str:

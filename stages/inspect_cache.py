@@ -13,6 +13,7 @@ from pipeline.cache.shard import concat_shard_data
 from pipeline.codecs import build_codec
 from pipeline.errors import UsageError
 from pipeline.masking import MaskConfig, sample_masks
+from pipeline.output_paths import check_output_file
 from pipeline.visualize import ViewPanel, check_figure_suffix, decode_jpeg, pca_colors, save_view_grid
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ def show_cache(
     """
     output = Path(output)
     check_figure_suffix(output)
+    check_output_file(output, "--output")
     reader = CacheReader(Path(root))
     panels = cache_panels(reader, count, view, mask_ratio, min_mask_block, seed)
 

@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pipeline.errors import UsageError
+from pipeline.output_paths import check_output_file
 from pipeline.visualize import check_figure_suffix
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
         raise UsageError("pass at least one run folder to plot")
     output = Path(output)
     check_figure_suffix(output)
+    check_output_file(output, "--output")
     runs = [read_metrics(folder) for folder in run_dirs]
     labels = run_labels([run.folder for run in runs])
 

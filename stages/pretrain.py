@@ -44,6 +44,7 @@ from pipeline.heads import build_head
 from pipeline.logs import MetricsLog, ProgressReporter, format_seconds
 from pipeline.masking import MaskConfig
 from pipeline.optim import Schedule, build_optimizer, set_lr
+from pipeline.output_paths import check_output_folder
 from pipeline.provenance import run_environment
 from pipeline.sources import count_reasons, printable_source
 from pipeline.students import build_student
@@ -158,8 +159,7 @@ TARGET_NORMS = ("layernorm", "none")
 
 def _check_run_dir(run_dir: Path, config: PretrainConfig) -> Path | None:
     """Check that `--out` is new, or that `--resume` continues the run it contains; return the checkpoint to resume."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir} is a file: pass a folder for the run")
+    check_output_folder(run_dir, "--out")
     last = run_dir / ckpt.LAST_NAME
     if last.exists() and not config.resume:
         raise UsageError(

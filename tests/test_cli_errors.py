@@ -52,6 +52,17 @@ def cache(work: Path, photos: Path, teacher_file: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def finished_run(work: Path, cache: Path) -> Path:
+    """Return the folder of a finished 1-step run, with its checkpoint and metrics."""
+    run_dir = work / "finished-run"
+    run_pretrain(
+        PretrainConfig(out=str(run_dir), cache=str(cache), student=STUDENT, student_overrides=STUDENT_OVERRIDES,
+                       img_size=IMG_SIZE, steps=1, batch_size=2, log_every=1, workers=0, device="cpu")
+    )
+    return run_dir
+
+
+@pytest.fixture(scope="module")
 def preset(work: Path) -> Path:
     """Return a preset with tiny models and CPU settings for both stages; each test adds paths and the faulty option."""
     path = work / "tiny.yaml"
@@ -191,6 +202,37 @@ def test_out_folder_with_run_needs_resume(tmp_path: Path, preset: Path, cache: P
     assert_one_line_error(fresh, f"output folder {run_dir} already contains a run", "--resume", "another --out")
     assert_one_line_error(other, "--resume with seed=3", "started with seed=0", "another --out")
     assert (run_dir / "checkpoint-last.pt").read_bytes() == before
+
+
+OUTPUT_COMMANDS = ["cache-targets", "pretrain", "extract-student", "inspect", "plot"]
+
+
+def output_arguments(command: str, output: Path, preset: Path, photos: Path, cache: Path, run_dir: Path) -> list[str]:
+    """Return the arguments of a `command` run that would write to `output`."""
+    if command == "cache-targets":
+        return cache_targets_arguments(preset, photos, output)
+    if command == "pretrain":
+        return pretrain_arguments(preset, cache, output)
+    if command == "extract-student":
+        return ["extract-student", str(run_dir / "checkpoint-last.pt"), "-o", str(output)]
+    if command == "inspect":
+        return ["inspect", str(cache), "--show", "2", "-o", str(output)]
+    return ["plot", str(run_dir), "-o", str(output)]
+
+
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS)
+def test_output_below_file_one_line(
+    tmp_path: Path, preset: Path, photos: Path, cache: Path, finished_run: Path, command: str
+):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder\n")
+    output = blocker / "outputs" / "result.png"
+
+    result = run_offline(output_arguments(command, output, preset, photos, cache, finished_run), tmp_path)
+
+    option = "--out" if command in ("cache-targets", "pretrain") else "--output"
+    assert_one_line_error(result, f"{option} {output} cannot be created", f"{blocker} is a file")
+    assert blocker.read_text() == "a file, not a folder\n"
 
 
 # Values

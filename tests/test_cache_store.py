@@ -370,6 +370,40 @@ def test_zarr_deleted_chunk_raises(tmp_path):
     assert len(reader.read_shard(0, view=0, check=False)) == 3
 
 
+@pytest.mark.parametrize("compressor", [None, "zstd"])
+@pytest.mark.parametrize("keep_bytes", [0, 7])
+def test_zarr_truncated_chunk_raises(tmp_path, compressor, keep_bytes):
+    write_cache(tmp_path / "cache", "zarr", [[0, 1, 2]], compressor)
+    chunk = tmp_path / "cache" / "shards" / "shard_000000" / "targets" / "codes" / "c" / "1" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:keep_bytes])
+    reader = CacheReader(tmp_path / "cache")
+
+    with pytest.raises(CorruptCacheError, match="shard_000000"):
+        reader.read_shard(0, view=1, check=False)
+    assert len(reader.read_shard(0, view=0, check=False)) == 3
+
+
+def test_zarr_big_endian_targets_read(tmp_path):
+    writer, shards = write_cache(tmp_path / "cache", "zarr", [[0, 1, 2]])
+    group = zarr.open_group(str(tmp_path / "cache" / "shards" / "shard_000000" / "targets"), mode="a")
+    values = shards[0].targets["scale"]
+    del group["scale"]
+    array = group.create_array(
+        "scale",
+        shape=values.shape,
+        chunks=(3, 4),
+        dtype=values.dtype,
+        serializer=zarr.codecs.BytesCodec(endian="big"),
+        compressors=None,
+        chunk_key_encoding={"name": "default", "separator": "/"},
+    )
+    array[...] = values
+
+    actual = CacheReader(tmp_path / "cache").read_shard(0, check=False)
+    assert actual.targets["scale"].dtype == np.float16
+    np.testing.assert_array_equal(actual.targets["scale"], values)
+
+
 def test_zarr_unrecorded_missing_chunk_raises(tmp_path):
     """A chunk missing from disk and from the record must not read back as fill values."""
     write_cache(tmp_path / "cache", "zarr", [[0, 1, 2]])

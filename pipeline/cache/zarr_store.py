@@ -23,9 +23,12 @@ here check that each chunk file they need exists before reading it.
 
 from __future__ import annotations
 
+import mmap
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numcodecs
 import numpy as np
 import zarr
 import zarr.codecs
@@ -124,7 +127,7 @@ def read_zarr_shard(
             for key in (*SAMPLE_ARRAYS, "source", "params")
         }
         targets = {
-            part: _read_rows(folder, name, group, f"targets/{part}", rows, views, num_images)
+            part: _read_target_rows(folder, name, group, f"targets/{part}", rows, views, num_images)
             for part in sorted(layout.parts)
         }
         jpegs = [jpeg for v in views for jpeg in _read_jpegs(folder, name, group, v, num_images)]
@@ -161,6 +164,63 @@ def _read_rows(
         for v in views:
             _require_chunk(folder, name, array, array_path, (v,) + (0,) * (array.ndim - 1))
     return array[rows]
+
+
+def _read_target_rows(
+    folder: Path, name: str, group: zarr.Group, array_path: str, rows: slice, views: Sequence[int], num_images: int
+) -> np.ndarray:
+    """Read the target rows of `views`, one whole chunk file per view when the codecs allow it.
+
+    Target chunks are the largest reads of a shard (38 MB per 128 fp16 views of 196 x 768). A
+    chunk stored as raw bytes, or raw bytes compressed with zstd, is read from its file straight
+    into the result. That skips the copies of zarr's asynchronous read path, which took about a
+    third of the read time of such a zstd chunk on one core in our measurement.
+    """
+    array = group[array_path]
+    decompress = _plain_chunk_decoder(array)
+    if decompress is None or not num_images or array.chunks[0] != num_images:
+        return _read_rows(folder, name, group, array_path, rows, views, num_images)
+
+    chunk_shape = (num_images, *array.shape[1:])
+    values = np.empty((len(views), *chunk_shape), dtype=array.dtype)
+    for i, v in enumerate(views):
+        coords = (v,) + (0,) * (array.ndim - 1)
+        _require_chunk(folder, name, array, array_path, coords)
+        decompress(folder / array_path / array.metadata.encode_chunk_key(coords), values[i].reshape(-1).view(np.uint8))
+    return values.reshape(len(views) * num_images, *array.shape[1:])
+
+
+def _plain_chunk_decoder(array: zarr.Array):
+    """Return the chunk reader (chunk file, uint8 output) of an array of native-endian raw bytes.
+
+    The bytes may be zstd compressed. Any other codec chain returns None, and zarr reads it.
+    """
+    codecs = array.metadata.codecs
+    dtype = np.dtype(array.dtype)
+    if not isinstance(codecs[0], zarr.codecs.BytesCodec) or dtype.kind not in "biuf":
+        return None
+    if dtype.itemsize > 1 and codecs[0].endian is not None and codecs[0].endian.value != sys.byteorder:
+        return None
+
+    if len(codecs) == 1:
+        return _read_raw_chunk
+    if len(codecs) == 2 and isinstance(codecs[1], zarr.codecs.ZstdCodec):
+        return _decompress_zstd_chunk
+    return None
+
+
+def _read_raw_chunk(path: Path, out: np.ndarray) -> None:
+    with open(path, "rb") as file:
+        size = file.readinto(out)
+        extra = file.read(1)
+    if size != out.size or extra:
+        raise ValueError(f"invalid chunk file {path}: expected {out.size} bytes")
+
+
+def _decompress_zstd_chunk(path: Path, out: np.ndarray) -> None:
+    # zstd reads the mapped file pages directly, without a copy of the compressed bytes
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        numcodecs.Zstd().decode(mapped, out=out)
 
 
 def _read_jpegs(folder: Path, name: str, group: zarr.Group, view: int, num_images: int) -> list[bytes]:

@@ -196,10 +196,12 @@ def inspect(
     seed: int = typer.Option(0, help="Seed of the masks drawn by --show (as pretrain --seed); they are the masks of epoch 0."),
 ) -> None:
     """Print a cache's manifest in readable form; with --show N -o FILE, also draw N samples with their targets and masks."""
-    from stages.inspect_cache import describe_cache, show_cache
+    from stages.inspect_cache import check_show_options, describe_cache, show_cache
 
     if (show is None) != (output is None):
         raise UsageError("--show N and --output FILE go together: pass both to draw samples, or neither")
+    if show is not None:
+        check_show_options(cache, output, show, view, mask_ratio, min_mask_block)
     typer.echo(describe_cache(cache, project_images))
     if show is not None:
         picture = show_cache(cache, output, show, view=view, mask_ratio=mask_ratio, min_mask_block=min_mask_block, seed=seed)

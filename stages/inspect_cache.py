@@ -25,6 +25,8 @@ KIB = 1024
 
 def describe_cache(root: str | Path, project_images: int = IMAGENET_TRAIN_IMAGES) -> str:
     """Return a readable summary of a cache: teacher, grid, codec, views, skipped inputs, bytes, fidelity."""
+    if project_images < 1:
+        raise UsageError(f"--project-images must be at least 1, got {project_images}")
     reader = CacheReader(Path(root))
     manifest = reader.manifest
     settings = manifest["settings"]
@@ -125,8 +127,7 @@ def show_cache(
     `output` (.png, .pdf, .svg, ...).
     """
     output = Path(output)
-    check_figure_suffix(output)
-    check_output_file(output, "--output")
+    check_show_options(root, output, count, view, mask_ratio, min_mask_block)
     reader = CacheReader(Path(root))
     panels = cache_panels(reader, count, view, mask_ratio, min_mask_block, seed)
 
@@ -139,6 +140,29 @@ def show_cache(
     save_view_grid(panels, output, title)
     logger.info("drew %d samples of view %d of %s into %s", len(panels), view, root, output)
     return output
+
+
+def check_show_options(
+    root: str | Path, output: str | Path, count: int, view: int, mask_ratio: float, min_mask_block: int
+) -> None:
+    """Raise UsageError for an invalid --show, --output, --view, --mask-ratio or --min-mask-block.
+
+    `inspect` calls this before it prints the summary, so a bad option prints only the error.
+    """
+    check_figure_suffix(Path(output))
+    check_output_file(output, "--output")
+    _check_panel_options(CacheReader(Path(root)), count, view, mask_ratio, min_mask_block)
+
+
+def _check_panel_options(reader: CacheReader, count: int, view: int, mask_ratio: float, min_mask_block: int) -> None:
+    if count < 1:
+        raise UsageError(f"--show must be at least 1, got {count}")
+    if not 0 <= view < reader.num_views:
+        raise UsageError(f"--view {view} is out of range: cache {reader.root} has views 0 to {reader.num_views - 1}")
+    if min_mask_block < 1:
+        raise UsageError(f"--min-mask-block must be at least 1 patch, got {min_mask_block}")
+    grid = reader.manifest["settings"]["targets"]["grid"]
+    MaskConfig(grid[0], grid[1], ratio=mask_ratio, min_block=min_mask_block)
 
 
 def cache_panels(
@@ -155,11 +179,7 @@ def cache_panels(
     exactly these samples) and the mask that `pretrain --seed seed --mask-ratio mask_ratio`
     draws for the sample in epoch 0. A cache with fewer samples gives fewer panels.
     """
-    if count < 1:
-        raise UsageError(f"--show must be at least 1, got {count}")
-    if not 0 <= view < reader.num_views:
-        raise UsageError(f"--view {view} is out of range: cache {reader.root} has views 0 to {reader.num_views - 1}")
-
+    _check_panel_options(reader, count, view, mask_ratio, min_mask_block)
     samples = _first_samples(reader, count, view)
     grid = tuple(reader.manifest["settings"]["targets"]["grid"])
     colors = pca_colors(_decode_targets(reader, samples.targets), grid)

@@ -238,6 +238,33 @@ def test_output_below_file_one_line(
 # Values
 
 
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--show", "0"], "--show must be at least 1, got 0"),
+        (["--show", "2", "--view", "3"], "--view 3 is out of range"),
+        (["--show", "2", "--mask-ratio", "1.5"], "--mask-ratio must lie strictly between 0 and 1"),
+        (["--show", "2", "--min-mask-block", "0"], "--min-mask-block must be at least 1 patch"),
+        (["--show", "2", "--project-images", "0"], "--project-images must be at least 1"),
+    ],
+    ids=["show", "view", "mask-ratio", "min-mask-block", "project-images"],
+)
+def test_inspect_bad_show_prints_nothing(tmp_path: Path, cache: Path, extra: list[str], fragment: str):
+    picture = tmp_path / "samples.png"
+    result = run_offline(["inspect", str(cache), "-o", str(picture), *extra], tmp_path)
+
+    assert_one_line_error(result, fragment)
+    assert result.stdout == ""
+    assert not picture.exists()
+
+
+def test_inspect_bad_output_prints_nothing(tmp_path: Path, cache: Path):
+    result = run_offline(["inspect", str(cache), "--show", "2", "-o", str(tmp_path / "samples.txt")], tmp_path)
+
+    assert_one_line_error(result, f"cannot write a figure to {tmp_path / 'samples.txt'}", ".png")
+    assert result.stdout == ""
+
+
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
 def test_mask_ratio_outside_open_interval(tmp_path: Path, preset: Path, cache: Path, ratio: str):
     result = run_offline(pretrain_arguments(preset, cache, tmp_path / "run", "--mask-ratio", ratio), tmp_path)

@@ -113,15 +113,43 @@ def _curve(records: dict[int, dict], name: str) -> Curve:
     )
 
 
-def run_labels(folders: Sequence[Path]) -> list[str]:
-    """Name each run by its folder, adding parent folders until the names differ."""
+def run_labels(folders: Sequence[str | Path]) -> list[str]:
+    """Name each run by the fewest last parts of its resolved path that no other run's path ends with.
+
+    Runs `a/run`, `b/run` and `c/other` get the labels `a/run`, `b/run` and `other`. Raises
+    UsageError when two arguments name the same folder, such as `run` and `./run/`.
+    """
     resolved = [Path(folder).resolve() for folder in folders]
-    depth = 1
-    while True:
-        labels = ["/".join(folder.parts[-depth:]) for folder in resolved]
-        if len(set(labels)) == len(labels) or depth >= max(len(folder.parts) for folder in resolved):
-            return labels
-        depth += 1
+    _check_distinct_folders(folders, resolved)
+    return [_shortest_distinct_suffix(folder, resolved) for folder in resolved]
+
+
+def _check_distinct_folders(folders: Sequence[str | Path], resolved: list[Path]) -> None:
+    first_seen: dict[Path, str | Path] = {}
+    for argument, folder in zip(folders, resolved):
+        if folder in first_seen:
+            spellings = "" if str(first_seen[folder]) == str(argument) else f" (as {first_seen[folder]} and {argument})"
+            raise UsageError(f"run folder {folder} is given twice{spellings}: pass each run once")
+        first_seen[folder] = argument
+
+
+def _shortest_distinct_suffix(folder: Path, resolved: list[Path]) -> str:
+    """Return the fewest last parts of `folder` that differ from the same number of last parts of every other run.
+
+    Falls back to the whole path. Labels of different lengths cannot be equal, so the labels
+    of distinct folders are distinct.
+    """
+    others = [other for other in resolved if other != folder]
+    for depth in range(1, len(folder.parts)):
+        label = _path_suffix(folder, depth)
+        if all(_path_suffix(other, depth) != label for other in others):
+            return label
+    return str(folder)
+
+
+def _path_suffix(folder: Path, depth: int) -> str:
+    """Return the last `depth` parts of `folder`, or the whole path when it has fewer parts."""
+    return str(Path(*folder.parts[-depth:]))
 
 
 def plot_runs(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
@@ -135,8 +163,8 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
     output = Path(output)
     check_figure_suffix(output)
     check_output_file(output, "--output")
+    labels = run_labels(run_dirs)
     runs = [read_metrics(folder) for folder in run_dirs]
-    labels = run_labels([run.folder for run in runs])
 
     figure = Figure(figsize=(15, 4.2))
     loss_axes, val_axes, lr_axes = figure.subplots(1, 3)

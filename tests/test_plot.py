@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,51 @@ def test_run_labels_cases(tmp_path):
     assert run_labels([tmp_path / "a", tmp_path / "b"]) == ["a", "b"]
     assert run_labels([tmp_path / "x" / "run", tmp_path / "y" / "run"]) == ["x/run", "y/run"]
     assert run_labels([tmp_path / "run"]) == ["run"]
+
+
+def test_run_labels_shortest_suffix_per_run(tmp_path):
+    runs = [tmp_path / "x" / "a" / "run", tmp_path / "y" / "a" / "run", tmp_path / "c" / "other"]
+    assert run_labels(runs) == ["x/a/run", "y/a/run", "other"]
+
+
+def test_run_labels_path_inside_other():
+    # every suffix of /r/run is also a suffix of /x/r/run, so only its whole path distinguishes them
+    assert run_labels([Path("/r/run"), Path("/x/r/run")]) == ["/r/run", "x/r/run"]
+
+
+def test_run_labels_relative_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_labels(["a/run", "b/run"]) == ["a/run", "b/run"]
+
+
+def test_run_labels_same_folder_rejected(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+
+    with pytest.raises(UsageError) as error:
+        run_labels(["run", tmp_path / "run"])
+
+    message = str(error.value)
+    assert f"run folder {tmp_path / 'run'} is given twice" in message
+    assert f"as run and {tmp_path / 'run'}" in message
+    assert "pass each run once" in message
+
+
+def test_plot_same_run_twice_rejected(tmp_path):
+    run = write_run(tmp_path / "run", steps=4, start_loss=1.0, peak_lr=1e-3)
+
+    with pytest.raises(UsageError) as error:
+        plot_runs([run, run], tmp_path / "out.png")
+
+    assert f"run folder {run} is given twice: pass each run once" == str(error.value)
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_plot_legend_names_distinct_runs(tmp_path, caplog):
+    first = write_run(tmp_path / "a" / "run", steps=4, start_loss=1.0, peak_lr=1e-3)
+    second = write_run(tmp_path / "b" / "run", steps=4, start_loss=2.0, peak_lr=1e-3)
+
+    with caplog.at_level(logging.INFO, logger="stages.plot_runs"):
+        plot_runs([first, second], tmp_path / "out.png")
+
+    assert "plotted a/run, b/run into" in caplog.text

@@ -141,7 +141,7 @@ def pretrain(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N. (default: auto)"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the model with torch.compile. (default: no-compile)"),
     gpu_decode: Optional[bool] = typer.Option(None, "--gpu-decode/--no-gpu-decode", help="Decode JPEG views on the GPU (CUDA only). (default: no-gpu-decode)"),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out from its last checkpoint."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out from its last checkpoint. Without a checkpoint there, start at step 0 with a warning, so that one command line both starts and resumes a job."),
     log_samples: Optional[bool] = typer.Option(None, "--log-samples/--no-log-samples", help="Write the image indices of every step, one file per process, to RUN/samples/rank<r>.jsonl for auditing. (default: no-log-samples)"),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
 ) -> None:

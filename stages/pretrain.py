@@ -90,7 +90,7 @@ def _run(config: PretrainConfig, info: DistInfo, device: torch.device) -> dict:
 
     # every argument is checked before anything is written to the run folder
     run_dir = Path(config.out)
-    resume_from = _check_run_dir(run_dir, config)
+    resume_from = _check_run_dir(run_dir, config, info)
 
     student = build_student(
         config.student, config.img_size, drop_path_rate=config.drop_path, overrides=config.student_overrides
@@ -157,7 +157,7 @@ def _check_config(config: PretrainConfig) -> None:
 TARGET_NORMS = ("layernorm", "none")
 
 
-def _check_run_dir(run_dir: Path, config: PretrainConfig) -> Path | None:
+def _check_run_dir(run_dir: Path, config: PretrainConfig, info: DistInfo) -> Path | None:
     """Check that `--out` is new, or that `--resume` continues the run it contains; return the checkpoint to resume."""
     check_output_folder(run_dir, "--out")
     last = run_dir / ckpt.LAST_NAME
@@ -173,7 +173,9 @@ def _check_run_dir(run_dir: Path, config: PretrainConfig) -> Path | None:
         _check_same_run(_read_saved_config(saved_config), config, saved_config)
 
     if config.resume and not last.exists():
-        logger.info("--resume given but %s does not exist yet; starting from step 0", last)
+        # Starting fresh is not an error, so that one command line can both start a job and resume it after a kill.
+        if info.is_main:
+            logger.warning("--resume: %s contains no checkpoint (%s), so training starts from step 0", run_dir, last.name)
         return None
     return last if config.resume else None
 

@@ -124,3 +124,39 @@ def test_preset_values_of_right_type():
     assert config.betas == (0.9, 0.95)
     assert config.lr == 1
     assert config.compile is True
+
+
+def test_resume_without_checkpoint_warns(tmp_path: Path):
+    from helpers.tiny_runs import (
+        IMG_SIZE,
+        STUDENT,
+        STUDENT_OVERRIDES,
+        copy_photos,
+        subprocess_env,
+        tiny_cache_config,
+        write_teacher_checkpoint,
+    )
+
+    from stages.cache_targets import run_cache_targets
+
+    photos = copy_photos(tmp_path / "photos", 8)
+    cache = tmp_path / "cache"
+    run_cache_targets(tiny_cache_config(photos, cache, write_teacher_checkpoint(tmp_path), views=1))
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(yaml.safe_dump({"pretrain": {
+        "student": STUDENT, "student_overrides": STUDENT_OVERRIDES, "img_size": IMG_SIZE, "steps": 2,
+        "batch_size": 2, "workers": 0, "device": "cpu",
+    }}))
+    run_dir = tmp_path / "run"
+
+    result = run_cli(
+        ["pretrain", "--config", str(preset), "--cache", str(cache), "--out", str(run_dir), "--resume"],
+        env=subprocess_env(),
+    )
+
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line and "--resume" in line]
+    assert len(warnings) == 1
+    assert str(run_dir) in warnings[0]
+    assert "training starts from step 0" in warnings[0]
+    assert "finished 2 steps" in result.stdout

@@ -8,8 +8,10 @@ complete bookkeeping for every finished shard.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,16 +64,28 @@ class ShardJob:
             view_indices=view_indices,
         )
 
-    def loader(self, dataset: TeacherViews) -> torch.utils.data.DataLoader:
-        views_per_image = len(dataset.view_indices)
+    @property
+    def images_per_batch(self) -> int:
+        """Images per loader batch: `--batch-size` counts views, and each image brings all its views."""
+        return max(1, self.config.batch_size // self.config.views)
+
+    def loader(
+        self, dataset: TeacherViews, batch_sampler: list[list[int]] | None = None
+    ) -> torch.utils.data.DataLoader:
+        """Return a loader of `dataset` in order, or of the dataset positions in `batch_sampler`."""
         workers = self.config.workers
+        batching = (
+            {"batch_sampler": batch_sampler}
+            if batch_sampler is not None
+            else {"batch_size": max(1, self.config.batch_size // len(dataset.view_indices))}
+        )
         return torch.utils.data.DataLoader(
             dataset,
-            batch_size=max(1, self.config.batch_size // views_per_image),
             num_workers=workers,
             collate_fn=collate_views,
             prefetch_factor=4 if workers > 0 else None,
             pin_memory=self.device.type == "cuda",
+            **batching,
         )
 
     @torch.no_grad()
@@ -163,6 +177,15 @@ def read_skipped(root: Path, shard_ids: list[int]) -> list[dict]:
 
 
 @dataclass
+class TeacherPass:
+    """The teacher's output for one shard: good items, their targets [n, K, L, D] per batch, skipped inputs."""
+
+    items: list[ImageViews] = field(default_factory=list)
+    targets: list[np.ndarray] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
 class ShardWriterLoop:
     """Writes shards one after another, counting skipped inputs against the allowed fraction.
 
@@ -175,49 +198,84 @@ class ShardWriterLoop:
     enabled_progress: bool = True
     skipped_before: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    shards_written: int = 0
+    written_bytes: int = 0
 
     def run(self, shard_ids: list[int], ranges: list[tuple[int, int]]) -> None:
+        """Write the shards `shard_ids`, whose source index ranges are `ranges[shard_id]`.
+
+        One loader renders the views of every shard in turn, so its workers prepare the next
+        shard while the teacher finishes this one. A background thread encodes and writes each
+        finished shard while the teacher runs on the next. At most one write waits at a time,
+        so memory contains the targets of at most two shards.
+        """
         self._check_bad_at_index()
         total_images = sum(ranges[s][1] - ranges[s][0] for s in shard_ids)
         progress = ProgressReporter("cache-targets", total_images, enabled=self.enabled_progress)
-        written_bytes = 0
+        batches = iter(self._shard_loader(shard_ids, ranges))
         try:
-            for done, shard_id in enumerate(shard_ids, start=1):
-                record = self.write_one(shard_id, ranges[shard_id], progress)
-                written_bytes += record.nbytes
-                progress.advance(0, extra=f"shards {done}/{len(shard_ids)}, {written_bytes / 2**20:.1f} MiB written")
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer_thread:
+                pending = None
+                for shard_id in shard_ids:
+                    start, stop = ranges[shard_id]
+                    count = math.ceil((stop - start) / self.job.images_per_batch)
+                    teacher_pass = self._teacher_pass(itertools.islice(batches, count), progress)
+                    self._wait(pending, progress, len(shard_ids))
+                    pending = writer_thread.submit(self.write_one, shard_id, ranges[shard_id], teacher_pass)
+                self._wait(pending, progress, len(shard_ids))
         finally:
             progress.close()
 
-    def write_one(self, shard_id: int, image_range: tuple[int, int], progress: ProgressReporter) -> ShardRecord:
-        start, stop = image_range
-        config = self.job.config
-        items: list[ImageViews] = []
-        targets: list[np.ndarray] = []
-        shard_skipped = []
+    def _shard_loader(self, shard_ids: list[int], ranges: list[tuple[int, int]]) -> torch.utils.data.DataLoader:
+        """Return one loader over the images of all `shard_ids`. No batch spans two shards."""
+        indices: list[int] = []
+        batch_positions: list[list[int]] = []
+        for shard_id in shard_ids:
+            start, stop = ranges[shard_id]
+            first = len(indices)
+            indices.extend(range(start, stop))
+            for batch_start in range(first, len(indices), self.job.images_per_batch):
+                batch_positions.append(list(range(batch_start, min(batch_start + self.job.images_per_batch, len(indices)))))
+        return self.job.loader(self.job.views_dataset(indices), batch_sampler=batch_positions)
 
-        # render views in the loader workers, run the teacher on each batch
-        for batch in self.job.loader(self.job.views_dataset(list(range(start, stop)))):
+    def _wait(self, pending: Future | None, progress: ProgressReporter, num_shards: int) -> None:
+        """Wait for the write in `pending`, raising its error, and report it."""
+        if pending is None:
+            return
+        record = pending.result()
+        self.written_bytes += record.nbytes
+        self.shards_written += 1
+        progress.advance(0, extra=f"shards {self.shards_written}/{num_shards}, {self.written_bytes / 2**20:.1f} MiB written")
+
+    def _teacher_pass(self, batches, progress: ProgressReporter) -> TeacherPass:
+        """Run the teacher on the good images of one shard's batches and collect the skipped ones."""
+        result = TeacherPass()
+        for batch in batches:
             good = []
             for item in batch:
                 if item.skipped is None:
                     good.append(item)
                     continue
-                self._skip(item, shard_skipped)
+                self._skip(item, result.skipped)
             if good:
                 output = self.job.run_teacher(torch.cat([item.teacher_images for item in good]))
-                targets.append(output.reshape(len(good), config.views, *output.shape[1:]))
-                items.extend(good)
+                result.targets.append(output.reshape(len(good), self.job.config.views, *output.shape[1:]))
+                result.items.extend(good)
             progress.advance(len(batch))
+        return result
+
+    def write_one(self, shard_id: int, image_range: tuple[int, int], teacher_pass: TeacherPass) -> ShardRecord:
+        """Encode the targets of one shard and write its skipped list, then the shard itself."""
+        config = self.job.config
+        data = self._shard_data(shard_id, teacher_pass.items, teacher_pass.targets)
 
         # Write the skipped list first, because the shard counts as finished once write_shard records it.
-        data = self._shard_data(shard_id, items, targets)
         atomic_write_json(
-            skipped_path(Path(config.out), shard_id), [{"source": s, "reason": r} for s, r in shard_skipped]
+            skipped_path(Path(config.out), shard_id), [{"source": s, "reason": r} for s, r in teacher_pass.skipped]
         )
         # zarr's writes raise a disk-full OSError without a file name
         with naming_disk_full(self.writer.shards_dir / shard_name(shard_id)):
-            return self.writer.write_shard(shard_id, data, image_range, num_images=len(items))
+            return self.writer.write_shard(shard_id, data, image_range, num_images=len(teacher_pass.items))
 
     def _check_bad_at_index(self) -> None:
         """Stop before the teacher pass when indexing already found too many broken inputs, or any with --strict."""

@@ -26,6 +26,7 @@ from helpers.tiny_runs import (
 from PIL import Image
 
 from pipeline.cache import CacheReader
+from pipeline.cache_build import ShardJob
 from pipeline.codecs import build_codec
 from pipeline.config import CacheConfig
 from pipeline.data.training import build_training_data
@@ -298,3 +299,28 @@ def test_random_teacher_caches_identical(tmp_path: Path, photos: Path, teacher_f
     first, second = manifests
     assert first["settings"]["teacher"]["random_weights"] is True
     assert [shard["files"] for shard in second["shards"]] == [shard["files"] for shard in first["shards"]]
+
+
+def test_shard_loop_single_loader(tmp_path: Path, photos: Path, teacher_file: Path, monkeypatch):
+    loaders = []
+    original = ShardJob.loader
+
+    def counted(self, dataset, batch_sampler=None):
+        loaders.append(batch_sampler)
+        return original(self, dataset, batch_sampler)
+
+    monkeypatch.setattr(ShardJob, "loader", counted)
+    # 3 images per shard and 2 images (4 views) per batch: each shard ends on a batch of 1 image
+    config = tiny_cache_config(photos, tmp_path / "cache", teacher_file, shard_size=3, batch_size=4, workers=1)
+    manifest = run_cache_targets(config)
+    reader = CacheReader(tmp_path / "cache")
+
+    shard_loop = [sampler for sampler in loaders if sampler is not None]
+    assert len(shard_loop) == 1
+    assert [len(batch) for batch in shard_loop[0]] == [2, 1] * 4
+    assert manifest["num_images"] == 12
+    for record in sorted(reader.shards, key=lambda record: record.shard_id):
+        data = reader.read_shard(record.shard_id)
+        start = 3 * record.shard_id
+        assert data.image_index.tolist() == list(range(start, start + 3)) * 2
+        assert data.view_index.tolist() == [0, 0, 0, 1, 1, 1]

@@ -77,7 +77,7 @@ SCALES = {
             PairScale("vit_small_patch16", "clip_vit_base_patch16", batch_size=8),
             PairScale("vit_base_patch16", "clip_vit_large_patch14", batch_size=4),
         ),
-        img_size=224, warmup_steps=1, timed_steps=3, workers=1, rounds=2,
+        img_size=224, warmup_steps=1, timed_steps=3, workers=1, rounds=3,
     ),
     "quick": OfflineScale(
         pairs=(

@@ -22,6 +22,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from pipeline.atomic import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 LOG_INTERVAL_SECONDS = 30.0
@@ -64,23 +66,35 @@ def setup_logging(rank: int = 0, debug: bool = False) -> None:
 class MetricsLog:
     """Metrics as JSON lines (`metrics.jsonl`) and, when available, TensorBoard events.
 
-    Each line is one record: `{"step": ..., "time": <unix seconds>, **values}`. A resumed run
-    appends to the same file, so a step may appear twice; the later record is the one that counts.
-    TensorBoard gets the numeric values only, under `run_dir/tensorboard`.
+    Each line is one record: `{"step": ..., "time": <unix seconds>, **values}`. TensorBoard gets
+    the numeric values only, under `run_dir/tensorboard`. Both are flushed at every `write`, so
+    a killed run keeps its metrics up to the last one written.
+
+    `start_step` is the step at which a run continues, such as the step of the checkpoint it
+    resumes from. Records after it, left by a killed run, are then removed from metrics.jsonl
+    and hidden in TensorBoard, so that steps never go backward. Without `start_step` the log
+    appends to what the folder contains.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+    def __init__(self, run_dir: Path, enabled: bool = True, start_step: int | None = None) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tensorboard = None
         if not enabled:
             return
+        if start_step is not None:
+            _drop_records_after(self.path, start_step)
+
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             logger.info("tensorboard is not installed; metrics go to %s only", self.path)
-        else:
-            self._tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            return
+        # TensorBoard hides the events at steps >= purge_step of earlier event files in log_dir.
+        # NOTE: it orders the files by name, which starts with the creation time in seconds, so
+        # this works only when the clock here is past the creation time of the killed run's file.
+        purge_step = start_step + 1 if start_step is not None else None
+        self._tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -92,11 +106,32 @@ class MetricsLog:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tensorboard.add_scalar(name, value, step)
+            # on its own, SummaryWriter flushes only every flush_secs (120 s by default)
+            self._tensorboard.flush()
 
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrite the metrics file without its records after `step` and without a line cut off by a kill."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        logger.info("removed %d records after step %d from %s", len(lines) - len(kept), step, path)
 
 
 class ProgressReporter:

@@ -54,10 +54,11 @@ class RunMetrics:
 def read_metrics(run_dir: str | Path) -> RunMetrics:
     """Read a run's `metrics.jsonl` into curves.
 
-    A resumed run appends to the file and repeats the steps after its last checkpoint; the
-    later record of a step wins. Lines that do not parse (a run killed while writing one) are
-    skipped with a warning. Raises UsageError when the folder or file is missing, or when the
-    file contains no training loss.
+    When a step has two records of the same kind, the later one wins. pretrain drops the
+    records after the checkpoint that it resumes from, but files written by other tools may
+    repeat steps. Lines that do not parse (a run killed while writing one) are skipped with a
+    warning. Raises UsageError when the folder or file is missing, or when the file contains
+    no training loss.
     """
     folder = Path(run_dir)
     if not folder.is_dir():

@@ -7,7 +7,6 @@ logs to the console and writes checkpoints and metrics.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -109,8 +108,6 @@ def _run(config: PretrainConfig, info: DistInfo, device: torch.device) -> dict:
     _write_run_files(run_dir, config, info)
     if resume_from is not None:
         state.step = state.saved_step = _restore(resume_from, model, optimizer, config, info, state)
-    if info.is_main:
-        _truncate_metrics(run_dir, state.step)
 
     _log_start(config, info, model, data, schedule, state, run_dir)
     trained = _wrap_model(model, config, device, info)
@@ -202,26 +199,6 @@ def _write_run_files(run_dir: Path, config: PretrainConfig, info: DistInfo) -> N
         if config.cache is not None:
             atomic_write_bytes(run_dir / "cache-manifest.json", (Path(config.cache) / "manifest.json").read_bytes())
     barrier()
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop the metrics records after `step`, where this run continues, and a line cut off by a killed run."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
-
-    if len(kept) < len(lines):
-        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-        logger.info("removed %d records after step %d from %s", len(lines) - len(kept), step, path)
 
 
 RUN_DEFINING = ("student", "cache", "teacher", "data", "head", "img_size", "mask_ratio", "loss", "target_norm", "seed")
@@ -339,7 +316,8 @@ def _log_start(config, info, model, data, schedule, state, run_dir) -> None:
 
 
 def _train(config, info, device, trained, model, optimizer, schedule, data, settings, state, run_dir) -> dict:
-    metrics = MetricsLog(run_dir, enabled=info.is_main)
+    # a fresh run starts at step 0, which also clears the records of a run killed before its first checkpoint
+    metrics = MetricsLog(run_dir, enabled=info.is_main, start_step=state.step)
     # a bar on a terminal; elsewhere the step lines below are the progress
     progress = ProgressReporter(
         "pretrain", state.total_steps - state.step, unit="step", sample_unit="img", enabled=info.is_main,

@@ -293,6 +293,39 @@ def test_kill_at_random_step_resumes_same(tmp_path: Path, preset: Path, cache: P
         assert resumed[step] == pytest.approx(loss, rel=1e-6, abs=0)
 
 
+def tensorboard_steps(run_dir: Path, tag: str) -> list[int]:
+    """Return the steps of scalar `tag` in the run's TensorBoard events, as TensorBoard shows them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_kill_after_checkpoint_keeps_steps_increasing(tmp_path: Path, preset: Path, cache: Path):
+    run_dir = tmp_path / "run"
+    # killed while writing the checkpoint of step 8, after the records of steps 5 to 8
+    killed = run_harness("kill-write:checkpoint-last.pt:2", pretrain_arguments(preset, cache, run_dir), tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint_step(run_dir / LAST_NAME) == CHECKPOINT_EVERY
+    assert max(record["step"] for record in read_metrics(run_dir)) == 2 * CHECKPOINT_EVERY
+    assert tensorboard_steps(run_dir, "loss") == list(range(1, 2 * CHECKPOINT_EVERY + 1))
+
+    # TensorBoard reads event files in name order, and names start with the creation time in whole
+    # seconds. A real resume comes seconds later, but this tiny run can be killed within its first second.
+    time.sleep(1.0)
+    resume(preset, cache, run_dir)
+
+    metrics_steps = [record["step"] for record in read_metrics(run_dir)]
+    assert metrics_steps == sorted(metrics_steps)
+    assert [record["step"] for record in read_metrics(run_dir) if "loss" in record] == list(range(1, STEPS + 1))
+    assert tensorboard_steps(run_dir, "loss") == list(range(1, STEPS + 1))
+    validation_steps = tensorboard_steps(run_dir, "val_loss")
+    assert validation_steps == sorted(set(validation_steps))
+    assert validation_steps[-1] == STEPS
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
 def test_checkpoint_with_nan_not_written(tmp_path: Path):
     path = tmp_path / LAST_NAME
     save_checkpoint(path, {"model": {"w": torch.ones(3)}, "optimizer": {"state": {}}, "step": 1})

@@ -82,7 +82,7 @@ def test_read_metrics_curves(tmp_path):
 
 def test_read_metrics_resumed_run_keeps_later_record(tmp_path):
     run = write_run(tmp_path / "run", steps=6, start_loss=1.0, peak_lr=1e-3)
-    # a run killed after step 6 resumes from its checkpoint of step 4 and appends steps 5 and 6 again
+    # steps 5 and 6 recorded twice, as an append-only writer leaves a run resumed from step 4
     metrics = MetricsLog(run, enabled=True)
     for step in (5, 6):
         metrics.write(step, {"loss": 10.0 + step, "loss_mean": 10.0 + step, "lr": 1e-4})

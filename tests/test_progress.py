@@ -210,6 +210,42 @@ def test_metrics_log_writes_jsonl_and_tensorboard(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_metrics_log_start_step_drops_later(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    killed = MetricsLog(tmp_path)
+    for step in range(1, 7):
+        killed.write(step, {"loss": 1.0 / step})
+    killed.close()
+    with (tmp_path / "metrics.jsonl").open("a") as stream:
+        stream.write('{"step": 7, "lo')
+
+    resumed = MetricsLog(tmp_path, start_step=4)
+    assert [record["step"] for record in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    for step in (5, 6):
+        resumed.write(step, {"loss": 10.0 + step})
+    resumed.close()
+
+    assert [record["step"] for record in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("loss")
+    assert [scalar.step for scalar in scalars] == [1, 2, 3, 4, 5, 6]
+    assert [scalar.value for scalar in scalars][4:] == [15.0, 16.0]
+
+
+def test_metrics_log_without_start_step_appends(tmp_path):
+    first = MetricsLog(tmp_path)
+    first.write(3, {"loss": 0.5})
+    first.close()
+
+    second = MetricsLog(tmp_path)
+    second.write(2, {"loss": 0.4})
+    second.close()
+
+    assert [record["step"] for record in read_metrics(tmp_path)] == [3, 2]
+
+
 def test_metrics_log_disabled_writes_nothing(tmp_path):
     metrics = MetricsLog(tmp_path, enabled=False)
     metrics.write(1, {"loss": 0.5})

@@ -140,6 +140,7 @@ def pretrain(
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes. (default: 4)"),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N. (default: auto)"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the model with torch.compile. (default: no-compile)"),
+    precision: Optional[str] = typer.Option(None, help="Autocast dtype of the student (and online teacher): auto (bf16 on CUDA, float32 elsewhere), bf16 or fp32. Weights and optimizer state stay float32. (default: auto)"),
     gpu_decode: Optional[bool] = typer.Option(None, "--gpu-decode/--no-gpu-decode", help="Decode JPEG views on the GPU (CUDA only). (default: no-gpu-decode)"),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out from its last checkpoint. Without a checkpoint there, start at step 0 with a warning, so that one command line both starts and resumes a job."),
     log_samples: Optional[bool] = typer.Option(None, "--log-samples/--no-log-samples", help="Write the image indices of every step, one file per process, to RUN/samples/rank<r>.jsonl for auditing. (default: no-log-samples)"),
@@ -156,7 +157,7 @@ def pretrain(
         mask_ratio=mask_ratio, min_mask_block=min_mask_block, loss=loss, smooth_l1_beta=smooth_l1_beta,
         target_norm=target_norm, drop_path=drop_path, val_fraction=val_fraction,
         checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, workers=workers, device=device,
-        compile=compile, gpu_decode=gpu_decode, resume=resume, log_samples=log_samples,
+        compile=compile, precision=precision, gpu_decode=gpu_decode, resume=resume, log_samples=log_samples,
     )
     summary = run_pretrain(_config(PretrainConfig, "pretrain", config, options))
     if summary and _rank() == 0:

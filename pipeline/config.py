@@ -91,6 +91,7 @@ class PretrainConfig:
     workers: int = 4
     device: str = "auto"
     compile: bool = False
+    precision: str = "auto"
     gpu_decode: bool = False
     resume: bool = False
     log_samples: bool = False

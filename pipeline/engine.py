@@ -14,6 +14,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from pipeline.errors import UsageError
 from pipeline.losses import masked_distill_loss
 from pipeline.targets import normalize_targets
 
@@ -74,6 +75,22 @@ def prepare_targets(targets: torch.Tensor, target_norm: str) -> torch.Tensor:
     if target_norm == "layernorm":
         return normalize_targets(targets.float())
     return targets.float()
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """Return the autocast dtype of `--precision` on `device`, None for float32.
+
+    "auto" is bf16 on CUDA and float32 elsewhere, because bf16 matmuls on CPU run slower than
+    float32 ones. Weights, optimizer state and the loss stay float32 in every case.
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"invalid --precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):

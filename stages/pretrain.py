@@ -32,9 +32,11 @@ from pipeline.distributed import (
     resolve_device,
 )
 from pipeline.engine import (
+    PRECISIONS,
     MaskDistillModel,
     NonFiniteLossError,
     StepSettings,
+    autocast_dtype_for,
     compute_loss,
     train_step,
 )
@@ -42,7 +44,7 @@ from pipeline.errors import UsageError
 from pipeline.heads import build_head
 from pipeline.logs import MetricsLog, ProgressReporter, format_seconds
 from pipeline.masking import MaskConfig
-from pipeline.optim import Schedule, build_optimizer, set_lr
+from pipeline.optim import Schedule, build_optimizer, fused_adamw_available, set_lr
 from pipeline.output_paths import check_output_folder
 from pipeline.provenance import run_environment
 from pipeline.sources import count_reasons, printable_source
@@ -101,7 +103,8 @@ def _run(config: PretrainConfig, info: DistInfo, device: torch.device) -> dict:
 
     no_decay = {f"student.{name}" for name in student.no_weight_decay()}
     no_decay |= {f"head.{name}" for name in getattr(head, "no_weight_decay", lambda: set())()}
-    optimizer = build_optimizer(model, 0.0, config.weight_decay, tuple(config.betas), no_decay, fused=device.type == "cuda")
+    fused = fused_adamw_available(device)
+    optimizer = build_optimizer(model, 0.0, config.weight_decay, tuple(config.betas), no_decay, fused=fused)
 
     state = _plan_steps(config, data, info)
     schedule = _build_schedule(config, state, info)
@@ -109,14 +112,20 @@ def _run(config: PretrainConfig, info: DistInfo, device: torch.device) -> dict:
     if resume_from is not None:
         state.step = state.saved_step = _restore(resume_from, model, optimizer, config, info, state)
 
-    _log_start(config, info, model, data, schedule, state, run_dir)
     trained = _wrap_model(model, config, device, info)
     settings = StepSettings(
         loss=config.loss,
         smooth_l1_beta=config.smooth_l1_beta,
         target_norm=config.target_norm,
         clip_grad=config.clip_grad,
-        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        autocast_dtype=autocast_dtype_for(config.precision, device),
+    )
+    _log_start(config, info, model, data, schedule, state, run_dir)
+    logger.info(
+        "precision: %s autocast, AdamW %s%s",
+        "bf16" if settings.autocast_dtype is torch.bfloat16 else "no (float32)",
+        "fused" if fused else "per-tensor loop",
+        ", model compiled with torch.compile" if config.compile else "",
     )
     summary = _train(config, info, device, trained, model, optimizer, schedule, data, settings, state, run_dir)
     barrier()
@@ -149,6 +158,8 @@ def _check_config(config: PretrainConfig) -> None:
             raise UsageError(f"--{name} must be positive, got {value}")
     if config.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {config.workers}")
+    if config.precision not in PRECISIONS:
+        raise UsageError(f"invalid --precision {config.precision!r}: use one of {', '.join(PRECISIONS)}")
 
 
 TARGET_NORMS = ("layernorm", "none")

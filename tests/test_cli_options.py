@@ -32,7 +32,12 @@ def test_help_shows_defaults():
 
 @pytest.mark.parametrize(
     ("changes", "option"),
-    [({"target_norm": "batch"}, "--target-norm"), ({"lr": -1.0}, "--lr"), ({"workers": -1}, "--workers")],
+    [
+        ({"target_norm": "batch"}, "--target-norm"),
+        ({"lr": -1.0}, "--lr"),
+        ({"workers": -1}, "--workers"),
+        ({"precision": "fp8"}, "--precision"),
+    ],
 )
 def test_pretrain_rejects_invalid_values(changes, option):
     config = PretrainConfig(out="run", cache="cache", steps=1, **changes)

@@ -37,6 +37,8 @@ from pipeline.data.teacher_views import TeacherViews, collate_views
 from pipeline.sources import open_source
 from pipeline.targets import normalize_targets
 from pipeline.teachers import build_teacher
+
+DEFAULT_SHARD_SIZE = CacheConfig.__dataclass_fields__["shard_size"].default
 from stages.cache_targets import run_cache_targets
 
 logger = logging.getLogger("benchmarks.codec_table")
@@ -280,8 +282,8 @@ def format_doc(rows: list[dict], setup: dict, command: str, scale: TableScale) -
         "  `bytes_per_view.targets` (measured on the fidelity views).",
         "- *total B/view*: all shard files (JPEG view, view parameters, metadata, targets, zarr metadata)",
         "  divided by the number of views, from `bytes_per_view.total`. The zarr metadata of a shard is a",
-        f"  few KB, spread here over {scale.images} views. Shards of 1024 images (the default) spread it",
-        f"  {1024 / scale.images:g} times thinner.",
+        f"  few KB, spread here over {scale.images} views. Shards of {DEFAULT_SHARD_SIZE} images (the default) spread it",
+        f"  {DEFAULT_SHARD_SIZE / scale.images:g} times thinner.",
         "- *cosine mean* and *cosine p1*: mean and 1st percentile of the per-patch cosine similarity between",
         "  decoded and exact targets, both normalized per patch with LayerNorm without affine, as the trainer",
         "  normalizes them. *rel. MSE*: squared error over squared norm of the normalized exact targets.",

@@ -80,6 +80,7 @@ def cache_targets(
     batch_size: Optional[int] = typer.Option(None, help="Views per teacher forward pass. (default: 64)"),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes decoding and rendering views. (default: 4)"),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N. (default: auto)"),
+    precision: Optional[str] = typer.Option(None, help="Autocast dtype of the teacher: auto (bf16 on CUDA, float32 elsewhere), bf16 or fp32. (default: auto)"),
     codec: Optional[str] = typer.Option(None, help="Target codec: fp16, bf16, int8-channel, int8-token, pca-K; add +zstd for lossless compression. (default: fp16)"),
     format: Optional[str] = typer.Option(None, "--format", help="Cache format: zarr (local disk) or wds (webdataset tar shards, one tar per shard and view). (default: zarr)"),
     shard_size: Optional[int] = typer.Option(None, help="Source images per shard, the unit of writing, resuming and splitting across torchrun ranks: one zarr group, or with --format wds one tar of this many images per view. (default: 256)"),
@@ -96,7 +97,7 @@ def cache_targets(
     options = _options(
         data=data, out=out, teacher=teacher, teacher_weights=teacher_weights, img_size=img_size,
         student_patch_size=student_patch_size, views=views, seed=seed, batch_size=batch_size, workers=workers,
-        device=device, codec=codec, format=format, shard_size=shard_size, jpeg_quality=jpeg_quality,
+        device=device, precision=precision, codec=codec, format=format, shard_size=shard_size, jpeg_quality=jpeg_quality,
         calibration_images=calibration_images, fidelity_views=fidelity_views,
         max_bad_fraction=max_bad_fraction, strict=strict,
     )

@@ -37,8 +37,6 @@ from pipeline.data.teacher_views import TeacherViews, collate_views
 from pipeline.sources import open_source
 from pipeline.targets import normalize_targets
 from pipeline.teachers import build_teacher
-
-DEFAULT_SHARD_SIZE = CacheConfig.__dataclass_fields__["shard_size"].default
 from stages.cache_targets import run_cache_targets
 
 logger = logging.getLogger("benchmarks.codec_table")
@@ -48,6 +46,7 @@ PHOTOS = REPO / "data" / "imagenet-sample-64"
 IMAGENET_TRAIN_IMAGES = 1_281_167
 BASE_CODECS = ("fp32", "fp16", "bf16", "int8-channel", "int8-token", "pca-64", "pca-128")
 CODECS = tuple(name for base in BASE_CODECS for name in (base, f"{base}+zstd"))
+DEFAULT_SHARD_SIZE = CacheConfig().shard_size
 TEACHERS = ("clip_vit_base_patch16", "clip_vit_large_patch14", "pixel")
 QUICK_OVERRIDES = {"width": 64, "layers": 2, "heads": 2, "patch_size": 16, "embed_dim": 32}
 

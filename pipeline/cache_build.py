@@ -27,7 +27,7 @@ from pipeline.codecs import NonFiniteTargetError, TargetRangeError, encoded_nbyt
 from pipeline.config import CacheConfig
 from pipeline.data.teacher_views import ImageViews, TeacherViews, collate_views
 from pipeline.distributed import DistInfo, barrier
-from pipeline.engine import autocast_context
+from pipeline.engine import autocast_context, autocast_dtype_for
 from pipeline.errors import CorruptCacheError, UsageError
 from pipeline.logs import ProgressReporter
 from pipeline.provenance import package_versions
@@ -91,7 +91,7 @@ class ShardJob:
     @torch.no_grad()
     def run_teacher(self, images: torch.Tensor) -> np.ndarray:
         """[N, 3, S, S] teacher views in [0, 1] to float32 targets [N, L, D], in batches."""
-        dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        dtype = autocast_dtype_for(self.config.precision, self.device)
         outputs = []
         for start in range(0, images.shape[0], self.config.batch_size):
             chunk = images[start : start + self.config.batch_size].to(self.device, non_blocking=True)
@@ -206,23 +206,31 @@ class ShardWriterLoop:
 
         One loader renders the views of every shard in turn, so its workers prepare the next
         shard while the teacher finishes this one. A background thread encodes and writes each
-        finished shard while the teacher runs on the next. At most one write waits at a time,
-        so memory contains the targets of at most two shards.
+        finished shard while the teacher runs on the next. At most one write is pending, so host
+        memory contains the float32 targets of up to two shards, plus the encoding copies of the
+        one being written. A failed write stops the teacher pass at its next batch.
         """
         self._check_bad_at_index()
+        if not shard_ids:
+            return
         total_images = sum(ranges[s][1] - ranges[s][0] for s in shard_ids)
         progress = ProgressReporter("cache-targets", total_images, enabled=self.enabled_progress)
         batches = iter(self._shard_loader(shard_ids, ranges))
+        pending: Future | None = None
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer_thread:
-                pending = None
-                for shard_id in shard_ids:
-                    start, stop = ranges[shard_id]
-                    count = math.ceil((stop - start) / self.job.images_per_batch)
-                    teacher_pass = self._teacher_pass(itertools.islice(batches, count), progress)
+                try:
+                    for shard_id in shard_ids:
+                        start, stop = ranges[shard_id]
+                        count = math.ceil((stop - start) / self.job.images_per_batch)
+                        teacher_pass = self._teacher_pass(itertools.islice(batches, count), progress, pending)
+                        self._wait(pending, progress, len(shard_ids))
+                        pending = writer_thread.submit(self.write_one, shard_id, ranges[shard_id], teacher_pass)
+                        del teacher_pass
                     self._wait(pending, progress, len(shard_ids))
-                    pending = writer_thread.submit(self.write_one, shard_id, ranges[shard_id], teacher_pass)
-                self._wait(pending, progress, len(shard_ids))
+                except BaseException as error:
+                    _log_lost_write(pending, error)
+                    raise
         finally:
             progress.close()
 
@@ -247,10 +255,15 @@ class ShardWriterLoop:
         self.shards_written += 1
         progress.advance(0, extra=f"shards {self.shards_written}/{num_shards}, {self.written_bytes / 2**20:.1f} MiB written")
 
-    def _teacher_pass(self, batches, progress: ProgressReporter) -> TeacherPass:
-        """Run the teacher on the good images of one shard's batches and collect the skipped ones."""
+    def _teacher_pass(self, batches, progress: ProgressReporter, pending: Future | None) -> TeacherPass:
+        """Run the teacher on the good images of one shard's batches and collect the skipped ones.
+
+        Raises the error of the `pending` write of the previous shard as soon as it fails.
+        """
         result = TeacherPass()
         for batch in batches:
+            if pending is not None and pending.done():
+                pending.result()
             good = []
             for item in batch:
                 if item.skipped is None:
@@ -260,6 +273,8 @@ class ShardWriterLoop:
             if good:
                 output = self.job.run_teacher(torch.cat([item.teacher_images for item in good]))
                 result.targets.append(output.reshape(len(good), self.job.config.views, *output.shape[1:]))
+                for item in good:
+                    item.teacher_images = None  # float32 views, as large as the targets and not needed again
                 result.items.extend(good)
             progress.advance(len(batch))
         return result
@@ -310,8 +325,7 @@ class ShardWriterLoop:
         views = self.job.config.views
         codec = self.job.codec
         if targets:
-            stacked = np.concatenate(targets)  # [N, K, L, D]
-            view_major = np.ascontiguousarray(stacked.transpose(1, 0, 2, 3)).reshape(-1, *stacked.shape[2:])
+            view_major = _view_major(targets)
         else:
             num_patches = self.job.teacher.grid_size[0] * self.job.teacher.grid_size[1]
             view_major = np.zeros((0, num_patches, self.job.teacher.target_dim), dtype=np.float32)
@@ -333,6 +347,36 @@ class ShardWriterLoop:
             jpeg=[item.jpeg[v] for v in range(views) for item in items],
             targets=parts,
         )
+
+
+def _view_major(targets: list[np.ndarray]) -> np.ndarray:
+    """Copy per-batch targets [n, K, L, D] into one view-major array [K * N, L, D], emptying `targets`.
+
+    One copy, and each batch is freed once copied, so a shard's targets exist about once in memory.
+    """
+    num_images = sum(batch.shape[0] for batch in targets)
+    views, num_patches, dim = targets[0].shape[1:]
+    view_major = np.empty((views, num_images, num_patches, dim), dtype=np.float32)
+    row = 0
+    while targets:
+        batch = targets.pop(0)
+        view_major[:, row : row + len(batch)] = batch.transpose(1, 0, 2, 3)
+        row += len(batch)
+    return view_major.reshape(views * num_images, num_patches, dim)
+
+
+def _log_lost_write(pending: Future | None, error: BaseException) -> None:
+    """Wait for the shard write in `pending` while `error` stops the run, and log its own error.
+
+    The write finishes either way: a shard is either complete or left for the next run.
+    """
+    if pending is None:
+        return
+    if not pending.done():
+        logger.info("finishing the shard write in progress before stopping")
+    write_error = pending.exception()
+    if write_error is not None and write_error is not error:
+        logger.error("the shard write in progress failed as well: %s", write_error)
 
 
 def finalize_cache(job: ShardJob, writer: CacheWriter, ranges: list[tuple[int, int]], elapsed: float) -> dict:

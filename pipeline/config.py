@@ -36,6 +36,7 @@ class CacheConfig:
     batch_size: int = 64
     workers: int = 4
     device: str = "auto"
+    precision: str = "auto"
     codec: str = "fp16"
     format: str = "zarr"
     # A shard's view slice is one zarr chunk that a loader worker keeps whole: 256 views of

@@ -26,7 +26,7 @@ TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 # The accepted --device strings. Other strings that torch accepts (mps, xpu, cpu:0) are rejected,
 # because the stages are tested on CPU and CUDA only.
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclass(frozen=True)

@@ -83,8 +83,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     """Return the autocast dtype of `--precision` on `device`, None for float32.
 
-    "auto" is bf16 on CUDA and float32 elsewhere, because bf16 matmuls on CPU run slower than
-    float32 ones. Weights, optimizer state and the loss stay float32 in every case.
+    "auto" is bf16 on CUDA and float32 elsewhere, because bf16 ran slower than float32 on the
+    CPUs we measured (without AMX). Weights, optimizer state and the loss stay float32 in every case.
     """
     if precision not in PRECISIONS:
         raise UsageError(f"invalid --precision {precision!r}: use one of {', '.join(PRECISIONS)}")

@@ -14,6 +14,8 @@ from pipeline.errors import UsageError
 def check_output_folder(path: str | Path, option: str) -> None:
     """Raise UsageError naming `option` unless `path` is a folder or can be created as one."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{option} {path} is a broken symbolic link: remove it or pass another folder")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {path} is a file: pass a folder")
     _check_parents(path, option)

@@ -40,6 +40,7 @@ from pipeline.distributed import (
     read_torchrun_env,
     resolve_device,
 )
+from pipeline.engine import autocast_dtype_for
 from pipeline.errors import UsageError
 from pipeline.output_paths import check_output_folder
 from pipeline.sources import open_source
@@ -183,6 +184,7 @@ def _check_config(config: CacheConfig) -> None:
         raise UsageError(
             f"--img-size {config.img_size} is not a multiple of --student-patch-size {config.student_patch_size}"
         )
+    autocast_dtype_for(config.precision, torch.device("cpu"))  # raises UsageError for an invalid --precision
     if config.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {config.workers}")
     if not 0.0 <= config.max_bad_fraction <= 1.0:

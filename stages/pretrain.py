@@ -32,7 +32,6 @@ from pipeline.distributed import (
     resolve_device,
 )
 from pipeline.engine import (
-    PRECISIONS,
     MaskDistillModel,
     NonFiniteLossError,
     StepSettings,
@@ -121,10 +120,11 @@ def _run(config: PretrainConfig, info: DistInfo, device: torch.device) -> dict:
         autocast_dtype=autocast_dtype_for(config.precision, device),
     )
     _log_start(config, info, model, data, schedule, state, run_dir)
+    # a resumed optimizer keeps the "fused" setting of the run that saved it
     logger.info(
-        "precision: %s autocast, AdamW %s%s",
-        "bf16" if settings.autocast_dtype is torch.bfloat16 else "no (float32)",
-        "fused" if fused else "per-tensor loop",
+        "autocast: %s; AdamW: %s%s",
+        "bf16" if settings.autocast_dtype is torch.bfloat16 else "off (float32)",
+        "fused" if optimizer.param_groups[0].get("fused") else "per-tensor loop",
         ", model compiled with torch.compile" if config.compile else "",
     )
     summary = _train(config, info, device, trained, model, optimizer, schedule, data, settings, state, run_dir)
@@ -158,8 +158,7 @@ def _check_config(config: PretrainConfig) -> None:
             raise UsageError(f"--{name} must be positive, got {value}")
     if config.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {config.workers}")
-    if config.precision not in PRECISIONS:
-        raise UsageError(f"invalid --precision {config.precision!r}: use one of {', '.join(PRECISIONS)}")
+    autocast_dtype_for(config.precision, torch.device("cpu"))  # raises UsageError for an invalid --precision
 
 
 TARGET_NORMS = ("layernorm", "none")

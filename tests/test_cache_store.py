@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numcodecs
 import numpy as np
 import pytest
 import webdataset
@@ -23,6 +24,7 @@ from PIL import Image
 
 from pipeline.atomic import host_name
 from pipeline.cache import CacheReader, CacheWriter, ShardData
+from pipeline.cache import zarr_store
 from pipeline.errors import CacheMismatchError, CorruptCacheError, UsageError
 
 FORMATS = ["zarr", "wds"]
@@ -381,6 +383,32 @@ def test_zarr_truncated_chunk_raises(tmp_path, compressor, keep_bytes):
     with pytest.raises(CorruptCacheError, match="shard_000000"):
         reader.read_shard(0, view=1, check=False)
     assert len(reader.read_shard(0, view=0, check=False)) == 3
+
+
+def test_zarr_short_zstd_chunk_raises(tmp_path):
+    write_cache(tmp_path / "cache", "zarr", [[0, 1, 2]], "zstd")
+    chunk = tmp_path / "cache" / "shards" / "shard_000000" / "targets" / "codes" / "c" / "1" / "0" / "0"
+    full = numcodecs.Zstd().decode(chunk.read_bytes())
+    chunk.write_bytes(numcodecs.Zstd().encode(full[: len(full) // 2]))
+
+    with pytest.raises(CorruptCacheError, match="shard_000000") as raised:
+        CacheReader(tmp_path / "cache").read_shard(0, view=1, check=False)
+    assert f"decompresses to {len(full) // 2} bytes, expected {len(full)}" in str(raised.value)
+
+
+@pytest.mark.parametrize("compressor", [None, "zstd"])
+def test_zarr_target_chunks_skip_zarr(tmp_path, compressor, monkeypatch):
+    _, shards = write_cache(tmp_path / "cache", "zarr", [[0, 1, 2]], compressor)
+    read_rows = zarr_store._read_rows
+
+    def no_targets(folder, name, group, array_path, *args):
+        assert not array_path.startswith("targets/"), array_path
+        return read_rows(folder, name, group, array_path, *args)
+
+    monkeypatch.setattr(zarr_store, "_read_rows", no_targets)
+    reader = CacheReader(tmp_path / "cache")
+    assert_same_samples(reader.read_shard(0), shards[0])
+    assert_same_samples(reader.read_shard(0, view=1), shards[0].select(shards[0].view_index == 1))
 
 
 def test_zarr_big_endian_targets_read(tmp_path):

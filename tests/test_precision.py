@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers.tiny_runs import (
@@ -17,6 +18,7 @@ from helpers.tiny_runs import (
     write_teacher_checkpoint,
 )
 
+from pipeline.cache import CacheReader
 from pipeline.engine import MaskDistillModel, StepSettings, autocast_dtype_for, train_step
 from pipeline.errors import UsageError
 from pipeline.heads import build_head
@@ -119,7 +121,9 @@ def test_pretrain_bf16_on_cpu(tmp_path: Path, cache: Path):
     for precision in ("fp32", "bf16"):
         summary = run_pretrain(tiny_pretrain_config(tmp_path / precision, cache=str(cache), precision=precision))
         losses[precision] = [record["loss"] for record in read_metrics(tmp_path / precision) if "loss" in record]
+        checkpoint = torch.load(tmp_path / precision / "checkpoint-last.pt", map_location="cpu", weights_only=False)
         assert summary["steps"] == 3
+        assert checkpoint["optimizer"]["param_groups"][0]["fused"] is True
 
     assert len(losses["bf16"]) == 3
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
@@ -140,3 +144,18 @@ def test_compiled_pretrain_matches_eager(tmp_path: Path, cache: Path):
     # the checkpoint contains the plain module's names, so resume and extract-student read it unchanged
     assert list(compiled_checkpoint["model"]) == list(eager_checkpoint["model"])
     assert not any("_orig_mod" in name for name in compiled_checkpoint["model"])
+
+
+def test_cache_targets_bf16_teacher(tmp_path: Path):
+    photos = copy_photos(tmp_path / "photos", 8)
+    teacher = write_teacher_checkpoint(tmp_path)
+    targets = {}
+    for precision in ("fp32", "bf16"):
+        run_cache_targets(tiny_cache_config(photos, tmp_path / precision, teacher, codec="fp32", precision=precision))
+        reader = CacheReader(tmp_path / precision)
+        targets[precision] = reader.read_shard(reader.shards[0].shard_id).targets["values"]
+
+    assert targets["bf16"].shape == targets["fp32"].shape
+    assert not np.array_equal(targets["bf16"], targets["fp32"])
+    # bf16 matmuls keep about 3 significant digits, so the features agree to a few percent of their scale
+    assert np.abs(targets["bf16"] - targets["fp32"]).max() < 0.05 * np.abs(targets["fp32"]).max()

@@ -34,6 +34,7 @@ import zarr
 import zarr.codecs
 
 from pipeline.cache.shard import ShardData, ShardLayout, check_read
+from pipeline.codecs.lossless import zstd_frame_content_size
 from pipeline.errors import CorruptCacheError
 
 SAMPLE_ARRAYS = {
@@ -174,11 +175,13 @@ def _read_target_rows(
     Target chunks are the largest reads of a shard (38 MB per 128 fp16 views of 196 x 768). A
     chunk stored as raw bytes, or raw bytes compressed with zstd, is read from its file straight
     into the result. That skips the copies of zarr's asynchronous read path, which took about a
-    third of the read time of such a zstd chunk on one core in our measurement.
+    third of the read time of a 38 MB fp16+zstd chunk on one core (measured with
+    `benchmarks.loader`'s `shard_read_per_s` on the 2-core Xeon of docs/benchmarks.md).
     """
     array = group[array_path]
     decompress = _plain_chunk_decoder(array)
-    if decompress is None or not num_images or array.chunks[0] != num_images:
+    whole_view_chunks = array.chunks == (num_images, *array.shape[1:])
+    if decompress is None or not num_images or not whole_view_chunks or array.shape[0] < (max(views) + 1) * num_images:
         return _read_rows(folder, name, group, array_path, rows, views, num_images)
 
     chunk_shape = (num_images, *array.shape[1:])
@@ -214,13 +217,48 @@ def _read_raw_chunk(path: Path, out: np.ndarray) -> None:
         size = file.readinto(out)
         extra = file.read(1)
     if size != out.size or extra:
-        raise ValueError(f"invalid chunk file {path}: expected {out.size} bytes")
+        raise ValueError(f"invalid chunk file {path}: contains {size}{'+' if extra else ''} bytes, expected {out.size}")
 
 
 def _decompress_zstd_chunk(path: Path, out: np.ndarray) -> None:
-    # zstd reads the mapped file pages directly, without a copy of the compressed bytes
-    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        numcodecs.Zstd().decode(mapped, out=out)
+    with open(path, "rb") as file:
+        encoded = _map_file(file)
+        try:
+            _decode_zstd_exact(path, encoded, out)
+        finally:
+            if isinstance(encoded, mmap.mmap):
+                encoded.close()
+
+
+def _map_file(file) -> mmap.mmap | bytes:
+    """Map an open file read-only, so zstd reads its pages without a copy, or read it where mapping fails.
+
+    Mapping fails for empty files and on file systems without mmap support (some FUSE mounts).
+    NOTE: a mapped file that another process truncates during the read raises SIGBUS.
+    """
+    try:
+        return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return file.read()
+
+
+def _decode_zstd_exact(path: Path, encoded: mmap.mmap | bytes, out: np.ndarray) -> None:
+    """Decompress one zstd frame into `out`, raising ValueError unless it fills `out` exactly.
+
+    numcodecs fills only the frame's declared size when `out` is larger, and leaves the rest as it was.
+    """
+    size = zstd_frame_content_size(encoded)
+    decoded = None
+    if size is None:
+        decoded = numcodecs.Zstd().decode(encoded)
+        size = len(decoded)
+    if size != out.size:
+        raise ValueError(f"invalid chunk file {path}: decompresses to {size} bytes, expected {out.size}")
+
+    if decoded is None:
+        numcodecs.Zstd().decode(encoded, out=out)
+    else:
+        out[:] = np.frombuffer(decoded, dtype=np.uint8)
 
 
 def _read_jpegs(folder: Path, name: str, group: zarr.Group, view: int, num_images: int) -> list[bytes]:

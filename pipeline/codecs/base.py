@@ -154,22 +154,22 @@ class TargetCodec(ABC):
         """Wrap the stored parts of a batch as tensors [N, ...] for a loader worker to send.
 
         A worker only gathers the stored bytes. The expansion to [N, L, D] runs later in
-        finish() on the trainer's device, so the int8 and pca-K codecs send 4 to over 40 times
-        fewer bytes from each worker, and their dequantization runs on the GPU rather than a CPU core.
+        finish() on the trainer's device. The int8 and pca-K codecs therefore send 4 to over 40
+        times fewer bytes from each worker, and their dequantization leaves the worker's core.
         """
         check_parts(self.name, parts, set(self.part_names))
         return {name: torch.from_numpy(np.ascontiguousarray(parts[name])) for name in self.part_names}
 
     @abstractmethod
     def finish(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Decode the tensors of loader_parts(), on their device, into targets [N, L, D].
+        """Decode the tensors of loader_parts() into targets [N, L, D], on the tensors' device.
 
         float16 and bfloat16 for fp16 and bf16 (their stored values), float32 otherwise.
         The result equals decode() of the same parts up to float32 rounding in pca-K's product.
         """
 
     def _state_tensor(self, name: str, device: torch.device) -> torch.Tensor:
-        """Return the fitted state array `name` as a float32 tensor on `device`, copied once."""
+        """Return the fitted state array `name` as a float32 tensor on `device`, copied once per device and array."""
         array = getattr(self, name)
         key = (name, str(device))
         cached = self._device_state.get(key)

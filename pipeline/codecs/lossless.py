@@ -49,6 +49,35 @@ def decompress(data: bytes, compressor: str | None) -> bytes:
     return bytes(numcodecs.Zstd().decode(data))
 
 
+ZSTD_MAGIC = 0xFD2FB528
+
+
+def zstd_frame_content_size(frame: bytes | memoryview) -> int | None:
+    """Return the decompressed size that a zstd frame header declares, or None when it has none.
+
+    The header layout is RFC 8878, section 3.1.1.1: magic number, frame header descriptor, an
+    optional window descriptor and dictionary id, then the content size field.
+
+    Raises:
+        ValueError: `frame` does not start with a zstd frame header.
+    """
+    header = bytes(frame[:18])
+    if len(header) < 5 or int.from_bytes(header[:4], "little") != ZSTD_MAGIC:
+        raise ValueError("not a zstd frame")
+
+    descriptor = header[4]
+    size_flag, single_segment, dictionary_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    start = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dictionary_flag]
+    length = (1 if single_segment else 0, 2, 4, 8)[size_flag]
+    if length == 0:
+        return None
+    if len(header) < start + length:
+        raise ValueError("zstd frame header is truncated")
+
+    size = int.from_bytes(header[start : start + length], "little")
+    return size + 256 if length == 2 else size
+
+
 def zarr_compressors(codec: "TargetCodec") -> tuple[zarr.abc.codec.BytesBytesCodec, ...]:
     """Return the zarr v3 compressors for the codec's lossless stage.
 

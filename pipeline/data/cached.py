@@ -182,7 +182,7 @@ class CachedViews(torch.utils.data.Dataset):
     def finish_targets(self, target_parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """Decode a batch's `target_parts`, on their device, into targets [B, L, D], not normalized.
 
-        float16 or bfloat16 for those codecs, float32 otherwise.
+        float16 or bfloat16 for the fp16 and bf16 codecs, float32 otherwise.
         """
         return self.codec.finish(target_parts)
 

@@ -1,7 +1,10 @@
 """The two sides of the stage-two benchmarks: the real trainer, and its step on tensors in memory.
 
-`run_trainer` runs `stages.pretrain.run_pretrain` and reads img/s from the metrics.jsonl it
-writes, so it measures the real loop (loader, device copy, step, logging). `BareStep` builds
+`run_trainer` runs `maskdistill pretrain` in a subprocess and reads img/s from the metrics.jsonl
+it writes, so it measures the real command (loader, device copy, step, logging) in a fresh
+process, as a user runs it. Trainer runs inside one long process slowed down run after run
+(2.4, then 2.3, then 1.7 img/s for ViT-B/16 on CPU as its memory grew), which the subprocess
+keeps out of the figures. `BareStep` builds
 the same student, head and optimizer, and times `pipeline.engine.train_step` on one batch that
 is already on the device. `TeacherForward` times the frozen teacher on such a batch.
 """
@@ -10,21 +13,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
-from benchmarks.harness import seconds
-from pipeline.config import PretrainConfig
-from pipeline.engine import MaskDistillModel, StepSettings, autocast_context, normalize_images, prepare_targets, train_step
+from benchmarks.harness import REPO, seconds
+from pipeline.config import PretrainConfig, config_to_dict
+from pipeline.engine import (
+    MaskDistillModel,
+    StepSettings,
+    autocast_context,
+    autocast_dtype_for,
+    normalize_images,
+    prepare_targets,
+    train_step,
+)
 from pipeline.heads import build_head
 from pipeline.masking import MaskConfig, sample_masks
-from pipeline.optim import build_optimizer, set_lr
+from pipeline.optim import build_optimizer, fused_adamw_available, set_lr
 from pipeline.students import build_student
 from pipeline.teachers import build_teacher
-from stages.pretrain import run_pretrain
 
 LEARNING_RATE = 1e-4
 """Constant learning rate of both sides: the schedule does not change the cost of a step."""
@@ -53,15 +67,23 @@ def trainer_config(base: PretrainConfig, out: Path) -> PretrainConfig:
 
 
 def run_trainer(base: PretrainConfig, out: Path, warmup_steps: int) -> TrainerRate:
-    """Run the trainer in a fresh `out` folder and return its img/s after `warmup_steps` steps.
+    """Run `maskdistill pretrain` in a fresh `out` folder and return its img/s after `warmup_steps` steps.
 
-    The rate is total images over total time of the timed steps, from the per-step img/s and
-    data time that the trainer writes to metrics.jsonl. The folder is removed afterwards.
+    The settings go to the command as a preset file, and the subprocess uses as many threads
+    as this process. The rate is total images over total time of the timed steps, from the
+    per-step img/s and data time that the trainer writes to metrics.jsonl. The folder is
+    removed afterwards.
     """
     if out.exists():
         shutil.rmtree(out)
     config = trainer_config(base, out)
-    run_pretrain(config)
+    preset = out.with_name(f"{out.name}.yaml")
+    preset.write_text(yaml.safe_dump({"pretrain": config_to_dict(config)}))
+    environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    command = [sys.executable, "-m", "cli", "pretrain", "--config", str(preset)]
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {result.returncode}:\n{result.stderr[-3000:]}")
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [record for record in records if "img_per_s" in record and record["step"] > warmup_steps]
@@ -71,6 +93,7 @@ def run_trainer(base: PretrainConfig, out: Path, warmup_steps: int) -> TrainerRa
     total_seconds = sum(config.batch_size / record["img_per_s"] for record in timed)
     data_seconds = sum(record["data_time"] for record in timed)
     shutil.rmtree(out)
+    preset.unlink()
     return TrainerRate(
         img_per_s=config.batch_size * len(timed) / total_seconds,
         data_wait_share=data_seconds / total_seconds,
@@ -97,7 +120,8 @@ class BareStep:
         no_decay = {f"student.{name}" for name in student.no_weight_decay()}
         no_decay |= {f"head.{name}" for name in getattr(head, "no_weight_decay", lambda: set())()}
         self.optimizer = build_optimizer(
-            self.model, LEARNING_RATE, config.weight_decay, tuple(config.betas), no_decay, fused=device.type == "cuda"
+            self.model, LEARNING_RATE, config.weight_decay, tuple(config.betas), no_decay,
+            fused=fused_adamw_available(device),
         )
         set_lr(self.optimizer, LEARNING_RATE)
         self.settings = StepSettings(
@@ -105,7 +129,7 @@ class BareStep:
             smooth_l1_beta=config.smooth_l1_beta,
             target_norm=config.target_norm,
             clip_grad=config.clip_grad,
-            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+            autocast_dtype=autocast_dtype_for(config.precision, device),
         )
 
         batch = config.batch_size

@@ -9,7 +9,11 @@ weights) on a batch already on the device. The decode rates per core render view
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -21,6 +25,7 @@ import torch
 import pipeline.images
 from benchmarks.harness import (
     PHOTOS,
+    REPO,
     BenchOptions,
     Goal,
     interleave,
@@ -34,7 +39,7 @@ from benchmarks.harness import (
 from benchmarks.synthetic import photo_paths
 from benchmarks.training import TeacherForward
 from pipeline.cache_build import ShardWriterLoop
-from pipeline.config import CacheConfig
+from pipeline.config import CacheConfig, config_to_dict, resolve_config
 from pipeline.data.teacher_views import TeacherViews
 from pipeline.images import load_image
 from pipeline.sources import open_source
@@ -90,6 +95,7 @@ SCALES = {
     ),
 }
 PATCH_SIZE = 16
+CACHE_RUN_FLAG = "--cache-run"
 
 
 def loader_workers(scale: StageOneScale, device: torch.device) -> int:
@@ -124,6 +130,28 @@ def cache_views_per_s(config: CacheConfig) -> float:
         raise RuntimeError(f"cache-targets wrote {len(passes)} shard(s); the rate needs at least 2")
     views_after_first = sum(views for _, views in passes[1:])
     return views_after_first / (loop_ends[-1] - passes[0][0])
+
+
+def cache_views_per_s_in_subprocess(config: CacheConfig, workdir: Path) -> float:
+    """Return `cache_views_per_s(config)` measured in a fresh Python process with this process's thread count.
+
+    The stage-two trainer runs slowed down when repeated in one long process, so each
+    cache-targets round also gets a process of its own, as a user's run would.
+    """
+    config_file = workdir / "cache-run.json"
+    config_file.write_text(json.dumps(config_to_dict(config)))
+    environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    command = [sys.executable, "-m", "benchmarks.stage_one_efficiency", CACHE_RUN_FLAG, str(config_file)]
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {result.returncode}:\n{result.stderr[-3000:]}")
+    return float(json.loads(result.stdout.strip().splitlines()[-1])["views_per_s"])
+
+
+def cache_run_main(config_file: Path) -> None:
+    """Print the cache-targets rate of the config in `config_file` as one JSON line (the subprocess side)."""
+    config = resolve_config(CacheConfig, json.loads(config_file.read_text()), {}, source=str(config_file))
+    print(json.dumps({"views_per_s": cache_views_per_s(config)}))
 
 
 @contextmanager
@@ -208,7 +236,7 @@ def run(options: BenchOptions, workdir: Path) -> list[dict]:
     forward_batches = -(-scale.images * scale.views // scale.batch_size)
 
     sides = {
-        "cache-targets": lambda: cache_views_per_s(config),
+        "cache-targets": lambda: cache_views_per_s_in_subprocess(config, workdir),
         "teacher forward": lambda: teacher.img_per_s(forward_batches, warmup_batches=1),
     }
     logger.info("stage_one_efficiency: %s, %d images x %d views", scale.teacher, scale.images, scale.views)
@@ -279,4 +307,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == CACHE_RUN_FLAG:
+        cache_run_main(Path(sys.argv[2]))
+    else:
+        main()

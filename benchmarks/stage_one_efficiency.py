@@ -40,9 +40,11 @@ from benchmarks.synthetic import photo_paths
 from benchmarks.training import TeacherForward
 from pipeline.cache_build import ShardWriterLoop
 from pipeline.config import CacheConfig, config_to_dict, resolve_config
+from pipeline.distributed import DistInfo, resolve_device
 from pipeline.data.teacher_views import TeacherViews
 from pipeline.images import load_image
 from pipeline.sources import open_source
+from pipeline.teachers import build_teacher
 from pipeline.views import AugmentConfig, render_views, sample_view_params
 from stages.cache_targets import run_cache_targets
 
@@ -52,15 +54,16 @@ GOAL = Goal(">=", 0.9)
 DESCRIPTION = (
     "`cache-targets` views/s divided by the views/s of the same teacher's forward pass on a batch already "
     "in device memory. The cache-targets rate is the stored views over the seconds of its shard loop "
-    "after the first shard, which is the warm-up of its freshly built teacher "
-    "(`ShardWriterLoop.run`: view rendering, teacher, codec and shard writes). On a GPU one loader worker "
-    "renders the views. On a CPU device they render in the main process (`--workers 0`), because a worker "
-    "process takes a core from the teacher's threads, which then wait for each other: in our CPU runs "
-    "that cost 0.78 against 0.95 with `--workers 0`. Teacher "
-    "`clip_vit_base_patch16` with random weights, 224 px student views, fp16 codec, zarr format. The raw "
-    "figures add three rates per core: rendering one view (decode the full-size JPEG, crop, resize to the "
-    "student and teacher sizes, jitter) with JPEG draft mode and without it, and building a whole "
-    "stage-one item (the same plus JPEG encoding of the student view and the teacher view as a tensor)."
+    "(`ShardWriterLoop.run`: view rendering, teacher, codec and shard writes) after the first shard, which "
+    "is the warm-up of its freshly built teacher. The teacher side leaves out its first batch. Every round "
+    "of each side runs in a fresh process. On a GPU one loader worker renders the views. On a CPU device "
+    "they render in the main process (`--workers 0`), because a worker process takes a core from the "
+    "teacher's threads, which then wait for each other: in our CPU runs that cost 0.78 against 0.95 with "
+    "`--workers 0`. Teacher `clip_vit_base_patch16` with random weights, 224 px student views, fp16 codec, "
+    "zarr format. The raw figures add three rates per core: rendering one view (decode the full-size JPEG, "
+    "crop, resize to the student and teacher sizes, jitter) with JPEG draft mode and without it, and "
+    "building a whole stage-one item (the same plus JPEG encoding of the student view and the teacher view "
+    "as a tensor)."
 )
 SINGLE_CORE_THREADS = 1
 
@@ -95,7 +98,7 @@ SCALES = {
     ),
 }
 PATCH_SIZE = 16
-CACHE_RUN_FLAG = "--cache-run"
+SIDE_FLAG = "--side"
 
 
 def loader_workers(scale: StageOneScale, device: torch.device) -> int:
@@ -132,26 +135,42 @@ def cache_views_per_s(config: CacheConfig) -> float:
     return views_after_first / (loop_ends[-1] - passes[0][0])
 
 
-def cache_views_per_s_in_subprocess(config: CacheConfig, workdir: Path) -> float:
-    """Return `cache_views_per_s(config)` measured in a fresh Python process with this process's thread count.
+def teacher_views_per_s(config: CacheConfig) -> float:
+    """Return the views/s of the config's teacher on a batch in device memory, over the views of one cache-targets run.
 
-    The stage-two trainer runs slowed down when repeated in one long process, so each
-    cache-targets round also gets a process of its own, as a user's run would.
+    The first batch is left out as warm-up.
     """
-    config_file = workdir / "cache-run.json"
+    teacher = TeacherForward(
+        config.teacher, config.batch_size, config.img_size, config.student_patch_size, resolve_device(config.device, DistInfo()),
+        config.teacher_overrides,
+    )
+    num_views = len(photo_paths(Path(config.data))) * config.views
+    return teacher.img_per_s(-(-num_views // config.batch_size), warmup_batches=1)
+
+
+SIDES = {"cache-targets": cache_views_per_s, "teacher forward": teacher_views_per_s}
+
+
+def views_per_s_in_subprocess(side: str, config: CacheConfig, workdir: Path) -> float:
+    """Return the rate of `side` (a key of SIDES) measured in a fresh Python process with this process's thread count.
+
+    The stage-two trainer runs slowed down when repeated in one long process, so every round of
+    both sides gets a process of its own, as a user's run would.
+    """
+    config_file = workdir / "stage-one-run.json"
     config_file.write_text(json.dumps(config_to_dict(config)))
     environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    command = [sys.executable, "-m", "benchmarks.stage_one_efficiency", CACHE_RUN_FLAG, str(config_file)]
+    command = [sys.executable, "-m", "benchmarks.stage_one_efficiency", SIDE_FLAG, side, str(config_file)]
     result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with exit code {result.returncode}:\n{result.stderr[-3000:]}")
     return float(json.loads(result.stdout.strip().splitlines()[-1])["views_per_s"])
 
 
-def cache_run_main(config_file: Path) -> None:
-    """Print the cache-targets rate of the config in `config_file` as one JSON line (the subprocess side)."""
+def side_main(side: str, config_file: Path) -> None:
+    """Print the rate of `side` for the config in `config_file` as one JSON line (the subprocess)."""
     config = resolve_config(CacheConfig, json.loads(config_file.read_text()), {}, source=str(config_file))
-    print(json.dumps({"views_per_s": cache_views_per_s(config)}))
+    print(json.dumps({"views_per_s": SIDES[side](config)}))
 
 
 @contextmanager
@@ -230,14 +249,14 @@ def run(options: BenchOptions, workdir: Path) -> list[dict]:
         shard_size=scale.shard_size,
         fidelity_views=min(4, scale.images),
     )
-    teacher = TeacherForward(
-        scale.teacher, scale.batch_size, scale.img_size, PATCH_SIZE, options.device, scale.teacher_overrides
-    )
-    forward_batches = -(-scale.images * scale.views // scale.batch_size)
+    input_size = build_teacher(
+        scale.teacher, "random", student_img_size=scale.img_size, student_patch_size=PATCH_SIZE,
+        overrides=scale.teacher_overrides,
+    ).input_size
 
     sides = {
-        "cache-targets": lambda: cache_views_per_s_in_subprocess(config, workdir),
-        "teacher forward": lambda: teacher.img_per_s(forward_batches, warmup_batches=1),
+        "cache-targets": lambda: views_per_s_in_subprocess("cache-targets", config, workdir),
+        "teacher forward": lambda: views_per_s_in_subprocess("teacher forward", config, workdir),
     }
     logger.info("stage_one_efficiency: %s, %d images x %d views", scale.teacher, scale.images, scale.views)
     values = interleave(sides, scale.rounds, warmup_rounds=0)
@@ -248,14 +267,14 @@ def run(options: BenchOptions, workdir: Path) -> list[dict]:
         "cache_targets_views_per_s_rounds": rounded(values["cache-targets"]),
         "teacher_forward_views_per_s": teacher_rate,
         "teacher_forward_views_per_s_rounds": rounded(values["teacher forward"]),
-        **decode_rates(scale, teacher.teacher.input_size),
+        **decode_rates(scale, input_size),
     }
     setup = setup_record(
         options,
         teacher=scale.teacher,
         teacher_weights="random",
         teacher_overrides=scale.teacher_overrides,
-        teacher_input_size=teacher.teacher.input_size,
+        teacher_input_size=input_size,
         img_size=scale.img_size,
         images=scale.images,
         views=scale.views,
@@ -307,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == CACHE_RUN_FLAG:
-        cache_run_main(Path(sys.argv[2]))
+    if len(sys.argv) == 4 and sys.argv[1] == SIDE_FLAG:
+        side_main(sys.argv[2], Path(sys.argv[3]))
     else:
         main()

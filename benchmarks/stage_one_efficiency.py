@@ -55,7 +55,7 @@ DESCRIPTION = (
     "`cache-targets` views/s divided by the views/s of the same teacher's forward pass on a batch already "
     "in device memory. The cache-targets rate is the stored views over the seconds of its shard loop "
     "(`ShardWriterLoop.run`: view rendering, teacher, codec and shard writes) after the first shard, which "
-    "is the warm-up of its freshly built teacher. The teacher side leaves out its first batch. Every round "
+    "is the warm-up of its freshly built teacher. The teacher side leaves out as many batches. Every round "
     "of each side runs in a fresh process. On a GPU one loader worker renders the views. On a CPU device "
     "they render in the main process (`--workers 0`), because a worker process takes a core from the "
     "teacher's threads, which then wait for each other: in our CPU runs that cost 0.78 against 0.95 with "
@@ -136,16 +136,19 @@ def cache_views_per_s(config: CacheConfig) -> float:
 
 
 def teacher_views_per_s(config: CacheConfig) -> float:
-    """Return the views/s of the config's teacher on a batch in device memory, over the views of one cache-targets run.
+    """Return the views/s of the config's teacher on a batch in device memory.
 
-    The first batch is left out as warm-up.
+    It runs as many batches as one cache-targets run of `config`. The batches of one shard are
+    left out as warm-up, as the cache-targets side leaves out its first shard.
     """
     teacher = TeacherForward(
         config.teacher, config.batch_size, config.img_size, config.student_patch_size, resolve_device(config.device, DistInfo()),
         config.teacher_overrides,
     )
     num_views = len(photo_paths(Path(config.data))) * config.views
-    return teacher.img_per_s(-(-num_views // config.batch_size), warmup_batches=1)
+    shard_batches = -(-min(config.shard_size, len(photo_paths(Path(config.data)))) * config.views // config.batch_size)
+    total_batches = -(-num_views // config.batch_size)
+    return teacher.img_per_s(max(1, total_batches - shard_batches), warmup_batches=shard_batches)
 
 
 SIDES = {"cache-targets": cache_views_per_s, "teacher forward": teacher_views_per_s}

@@ -47,5 +47,5 @@ all: install ## Cache targets, pretrain, extract the student and run it in timm,
 bench: install ## Run the benchmarks and rewrite docs/benchmarks.md
 	$(PY) -m benchmarks.run_all
 
-clean: ## Remove outputs of make all
-	rm -rf out
+clean: ## Remove outputs of make all (the README's hand-run folders under out/ stay)
+	rm -rf $(OUT)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -144,6 +145,19 @@ def measurement(
         "raw": raw,
         "setup": setup,
     }
+
+
+def run_python_module(arguments: list[str]) -> str:
+    """Run `python -m ARGUMENTS` in the repository with this process's thread count and return its stdout.
+
+    Raises RuntimeError with the end of stderr when the command fails.
+    """
+    command = [sys.executable, "-m", *arguments]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {result.returncode}:\n{result.stderr[-3000:]}")
+    return result.stdout
 
 
 def synchronize(device: torch.device) -> None:

@@ -10,9 +10,7 @@ weights) on a batch already on the device. The decode rates per core render view
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -25,7 +23,6 @@ import torch
 import pipeline.images
 from benchmarks.harness import (
     PHOTOS,
-    REPO,
     BenchOptions,
     Goal,
     interleave,
@@ -34,6 +31,7 @@ from benchmarks.harness import (
     median,
     rounded,
     run_module,
+    run_python_module,
     setup_record,
 )
 from benchmarks.synthetic import photo_paths
@@ -58,12 +56,11 @@ DESCRIPTION = (
     "is the warm-up of its freshly built teacher. The teacher side leaves out as many batches. Every round "
     "of each side runs in a fresh process. On a GPU one loader worker renders the views. On a CPU device "
     "they render in the main process (`--workers 0`), because a worker process takes a core from the "
-    "teacher's threads, which then wait for each other: in our CPU runs that cost 0.78 against 0.95 with "
-    "`--workers 0`. Teacher `clip_vit_base_patch16` with random weights, 224 px student views, fp16 codec, "
-    "zarr format. The raw figures add three rates per core: rendering one view (decode the full-size JPEG, "
-    "crop, resize to the student and teacher sizes, jitter) with JPEG draft mode and without it, and "
-    "building a whole stage-one item (the same plus JPEG encoding of the student view and the teacher view "
-    "as a tensor)."
+    "teacher's threads, which then wait for each other. Teacher `clip_vit_base_patch16` with random "
+    "weights, 224 px student views, fp16 codec, zarr format. The raw figures add three rates per core. The "
+    "first two render one view (decode the full-size JPEG, crop, resize to the student and teacher sizes, "
+    "jitter) with JPEG draft mode and without it. The third builds a whole stage-one item (the same plus "
+    "JPEG encoding of the student view and the teacher view as a tensor)."
 )
 SINGLE_CORE_THREADS = 1
 
@@ -145,8 +142,9 @@ def teacher_views_per_s(config: CacheConfig) -> float:
         config.teacher, config.batch_size, config.img_size, config.student_patch_size, resolve_device(config.device, DistInfo()),
         config.teacher_overrides,
     )
-    num_views = len(photo_paths(Path(config.data))) * config.views
-    shard_batches = -(-min(config.shard_size, len(photo_paths(Path(config.data)))) * config.views // config.batch_size)
+    num_images = len(photo_paths(Path(config.data)))
+    num_views = num_images * config.views
+    shard_batches = -(-min(config.shard_size, num_images) * config.views // config.batch_size)
     total_batches = -(-num_views // config.batch_size)
     return teacher.img_per_s(max(1, total_batches - shard_batches), warmup_batches=shard_batches)
 
@@ -162,12 +160,8 @@ def views_per_s_in_subprocess(side: str, config: CacheConfig, workdir: Path) -> 
     """
     config_file = workdir / "stage-one-run.json"
     config_file.write_text(json.dumps(config_to_dict(config)))
-    environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    command = [sys.executable, "-m", "benchmarks.stage_one_efficiency", SIDE_FLAG, side, str(config_file)]
-    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed with exit code {result.returncode}:\n{result.stderr[-3000:]}")
-    return float(json.loads(result.stdout.strip().splitlines()[-1])["views_per_s"])
+    output = run_python_module(["benchmarks.stage_one_efficiency", SIDE_FLAG, side, str(config_file)])
+    return float(json.loads(output.strip().splitlines()[-1])["views_per_s"])
 
 
 def side_main(side: str, config_file: Path) -> None:

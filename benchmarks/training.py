@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from benchmarks.harness import REPO, seconds
+from benchmarks.harness import run_python_module, seconds
 from pipeline.config import PretrainConfig, config_to_dict
 from pipeline.engine import (
     MaskDistillModel,
@@ -79,11 +76,7 @@ def run_trainer(base: PretrainConfig, out: Path, warmup_steps: int) -> TrainerRa
     config = trainer_config(base, out)
     preset = out.with_name(f"{out.name}.yaml")
     preset.write_text(yaml.safe_dump({"pretrain": config_to_dict(config)}))
-    environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    command = [sys.executable, "-m", "cli", "pretrain", "--config", str(preset)]
-    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed with exit code {result.returncode}:\n{result.stderr[-3000:]}")
+    run_python_module(["cli", "pretrain", "--config", str(preset)])
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [record for record in records if "img_per_s" in record and record["step"] > warmup_steps]

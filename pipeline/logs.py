@@ -120,18 +120,18 @@ def _drop_records_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
-    kept = []
+    kept_lines = []
     for line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if record.get("step", 0) <= step:
-            kept.append(line)
+            kept_lines.append(line)
 
-    if len(kept) < len(lines):
-        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-        logger.info("removed %d records after step %d from %s", len(lines) - len(kept), step, path)
+    if len(kept_lines) < len(lines):
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept_lines))
+        logger.info("removed %d records after step %d from %s", len(lines) - len(kept_lines), step, path)
 
 
 class ProgressReporter:

@@ -8,6 +8,7 @@ logs to the console and writes checkpoints and metrics.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,11 @@ from pipeline.students import build_student
 from pipeline.data.sample_log import SampleLog
 from pipeline.data.training import TrainingData, build_training_data, order_streams
 from stages.plot_runs import PLOT_NAME, plot_runs
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 logger = logging.getLogger(__name__)
 
@@ -506,9 +512,15 @@ def _global_losses(
 
 
 def _peak_memory_mb(device: torch.device, process: psutil.Process) -> float:
+    """Return the peak memory in MiB: of tensors on a CUDA device, else of this process (max RSS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return process.memory_info().rss / 2**20
+    if resource is None:
+        # NOTE: Windows has no getrusage, so there the figure is the current RSS, not the peak
+        return process.memory_info().rss / 2**20
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports ru_maxrss in KiB, macOS in bytes
+    return max_rss / 2**20 if sys.platform == "darwin" else max_rss / 2**10
 
 
 @torch.no_grad()

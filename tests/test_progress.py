@@ -373,3 +373,20 @@ def test_completion_completes_command_names(tmp_path):
     result = subprocess.run([str(program)], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert result.stdout.split() == ["inspect"]
+
+
+def test_peak_memory_on_cpu_keeps_freed_peak():
+    import psutil
+
+    from stages.pretrain import _peak_memory_mb
+
+    process = psutil.Process()
+    before = _peak_memory_mb(torch.device("cpu"), process)
+    # grow the process beyond its earlier peak by 256 MiB, then free the buffer again
+    size_mib = int(max(0.0, before - process.memory_info().rss / 2**20)) + 256
+    buffer = np.ones(size_mib * 2**20, dtype=np.uint8)
+    del buffer
+    after = _peak_memory_mb(torch.device("cpu"), process)
+
+    assert after >= before + 200
+    assert after > process.memory_info().rss / 2**20 + 200

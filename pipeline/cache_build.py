@@ -26,6 +26,7 @@ from pipeline.cache.zarr_store import read_zarr_shard
 from pipeline.codecs import NonFiniteTargetError, TargetRangeError, encoded_nbytes, fidelity_report
 from pipeline.config import CacheConfig
 from pipeline.data.teacher_views import ImageViews, TeacherViews, collate_views
+from pipeline.data.workers import exit_with_parent_init
 from pipeline.distributed import DistInfo, barrier
 from pipeline.engine import autocast_context, autocast_dtype_for
 from pipeline.errors import CorruptCacheError, UsageError
@@ -85,6 +86,7 @@ class ShardJob:
             collate_fn=collate_views,
             prefetch_factor=4 if workers > 0 else None,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=exit_with_parent_init() if workers > 0 else None,
             **batching,
         )
 

@@ -19,6 +19,7 @@ from pipeline.config import PretrainConfig
 from pipeline.data.cached import CachedViews
 from pipeline.data.online import OnlineViews, image_groups
 from pipeline.data.order import SHARD_WINDOW, interleave_streams, plan_epoch
+from pipeline.data.workers import exit_with_parent_init
 from pipeline.distributed import read_torchrun_env
 from pipeline.engine import StepSettings, autocast_context, normalize_images, prepare_targets
 from pipeline.errors import CacheMismatchError, CorruptCacheError, UsageError
@@ -121,6 +122,7 @@ class TrainingData:
             collate_fn=passthrough,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=exit_with_parent_init() if workers > 0 else None,
             generator=torch.Generator(),
         )
 

@@ -185,6 +185,7 @@ def _check_config(config: CacheConfig) -> None:
             f"--img-size {config.img_size} is not a multiple of --student-patch-size {config.student_patch_size}"
         )
     autocast_dtype_for(config.precision, torch.device("cpu"))  # raises UsageError for an invalid --precision
+    build_codec(config.codec)  # raises UsageError for an invalid --codec before the teacher is loaded
     if config.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {config.workers}")
     if not 0.0 <= config.max_bad_fraction <= 1.0:

@@ -316,6 +316,19 @@ def test_published_weights_offline_names_option(tmp_path: Path, preset: Path, ph
     assert_one_line_error(result, "could not fetch the published weights", TEACHER, "--teacher-weights")
 
 
+@pytest.mark.parametrize("codec", ["FP16", "pca-0", "int8"])
+def test_invalid_codec_before_teacher(tmp_path: Path, preset: Path, photos: Path, codec: str):
+    # Offline, building the teacher from its published weights fails, so only a check of
+    # --codec before the teacher is built can name the codec.
+    arguments = cache_targets_arguments(preset, photos, tmp_path / "cache", "--teacher", TEACHER, "--codec", codec)
+
+    result = run_offline(arguments, tmp_path)
+
+    assert_one_line_error(result, codec)
+    assert "published weights" not in result.stderr
+    assert not (tmp_path / "cache").exists()
+
+
 def test_debug_shows_traceback(tmp_path: Path, preset: Path, cache: Path):
     arguments = ["--debug", *pretrain_arguments(preset, cache, tmp_path / "run", "--mask-ratio", "2")]
     result = run_offline(arguments, tmp_path)

@@ -22,6 +22,7 @@ import torch
 
 from pipeline.cache import CacheWriter
 from pipeline.cache.manifest import check_same_content, load_manifest, manifest_path, to_json_value
+from pipeline.cache.writer import holds_written_data
 from pipeline.cache_build import (
     ShardJob,
     ShardWriterLoop,
@@ -155,9 +156,10 @@ def check_existing_cache(root: Path, fmt: str, settings: dict) -> None:
     """Raise CacheMismatchError when `root` contains a cache written with other content settings.
 
     The message names the first differing setting in the terms of this run's settings (for
-    example `seed`, `codec.name` or `teacher.name`) with the stored and requested values.
+    example `seed`, `codec.name` or `teacher.name`) with the stored and requested values. A
+    cache without a finished shard or codec state passes, because the writer starts it over.
     """
-    if not manifest_path(root).is_file():
+    if not manifest_path(root).is_file() or not holds_written_data(root):
         return
     manifest = load_manifest(root)
     stored = {"format": manifest.get("format"), **(manifest.get("settings") or {})}

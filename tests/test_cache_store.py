@@ -175,7 +175,7 @@ def test_empty_shard_round_trip(tmp_path, fmt):
     ],
 )
 def test_reopen_other_settings_raises(tmp_path, change, setting):
-    open_writer(tmp_path / "cache", "zarr")
+    open_writer(tmp_path / "cache", "zarr").write_shard(0, make_shard([0, 1, 2]), (0, 3), 3)
     args = {"fmt": "zarr", "compressor": None, "settings": SETTINGS} | change
 
     with pytest.raises(CacheMismatchError) as raised:
@@ -184,7 +184,7 @@ def test_reopen_other_settings_raises(tmp_path, change, setting):
 
 
 def test_reopen_mismatch_names_both_values(tmp_path):
-    open_writer(tmp_path / "cache", "zarr")
+    open_writer(tmp_path / "cache", "zarr").write_shard(0, make_shard([0, 1, 2]), (0, 3), 3)
 
     with pytest.raises(CacheMismatchError) as raised:
         open_writer(tmp_path / "cache", "zarr", settings={**SETTINGS, "teacher": "ViT-L-14"})
@@ -193,11 +193,35 @@ def test_reopen_mismatch_names_both_values(tmp_path):
 
 
 def test_reopen_other_codec_parts_raises(tmp_path):
-    open_writer(tmp_path / "cache", "wds")
+    open_writer(tmp_path / "cache", "wds").write_shard(0, make_shard([0, 1, 2]), (0, 3), 3)
     parts = {"codes": ((4, 16), np.dtype(np.int8)), "scale": PARTS["scale"]}
 
     with pytest.raises(CacheMismatchError, match=r"codec_parts\.codes\.shape"):
         CacheWriter(tmp_path / "cache", "wds", SETTINGS, parts, None, NUM_VIEWS)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reopen_without_data_starts_over(tmp_path, fmt):
+    open_writer(tmp_path / "cache", "zarr")
+    (tmp_path / "cache" / "shards" / "shard_000000").mkdir()  # an unrecorded shard of a killed run
+    settings = {**SETTINGS, "teacher": "ViT-L-14"}
+
+    writer = open_writer(tmp_path / "cache", fmt, settings=settings)
+
+    assert writer.manifest["format"] == fmt
+    assert writer.manifest["settings"]["teacher"] == "ViT-L-14"
+    assert not (tmp_path / "cache" / "shards" / "shard_000000").exists()
+    assert (tmp_path / "cache" / "zarr.json").exists() == (fmt == "zarr")
+    writer.write_shard(0, make_shard([0, 1, 2]), (0, 3), 3)
+    writer.finalize({"skipped": []})
+    assert CacheReader(tmp_path / "cache", verify=True).manifest["settings"]["teacher"] == "ViT-L-14"
+
+
+def test_reopen_with_codec_state_raises(tmp_path):
+    open_writer(tmp_path / "cache", "zarr").write_codec_state({"offset": np.zeros(8, dtype=np.float32)})
+
+    with pytest.raises(CacheMismatchError, match="settings.teacher"):
+        open_writer(tmp_path / "cache", "zarr", settings={**SETTINGS, "teacher": "ViT-L-14"})
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -30,7 +30,7 @@ from pipeline.cache_build import ShardJob
 from pipeline.codecs import build_codec
 from pipeline.config import CacheConfig
 from pipeline.data.training import build_training_data
-from pipeline.errors import CacheMismatchError
+from pipeline.errors import CacheMismatchError, UsageError
 from pipeline.masking import MaskConfig
 from pipeline.students import build_student
 from stages.cache_targets import run_cache_targets
@@ -245,6 +245,40 @@ def test_deleted_shard_record_rewrites_shard(tmp_path: Path, caches: dict[str, P
     assert actual.jpeg == expected.jpeg
     for name in expected.targets:
         np.testing.assert_array_equal(actual.targets[name], expected.targets[name])
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_failed_codec_fit_leaves_folder_reusable(tmp_path: Path, photos: Path, teacher_file: Path, fmt: str):
+    # 1 calibration image of the 6x6 grid has 36 patches, too few to fit 40 PCA components
+    cache = tmp_path / "cache"
+    with pytest.raises(UsageError, match="pca-40 needs at least 40 calibration patches, got 36") as error:
+        run_cache_targets(cache_config(photos, cache, teacher_file, codec="pca-40", calibration_images=1))
+    assert "--calibration-images" in str(error.value)
+    assert not list((cache / "shards").glob("*.done.json"))
+
+    manifest = run_cache_targets(cache_config(photos, cache, teacher_file, format=fmt, codec="pca-8"))
+
+    assert manifest["complete"]
+    assert manifest["format"] == fmt
+    assert manifest["settings"]["codec"]["name"] == "pca-8"
+    assert CacheReader(cache, verify=True).manifest == manifest
+
+
+def test_settings_change_kept_after_codec_fit(tmp_path: Path, photos: Path, teacher_file: Path, monkeypatch):
+    # a fitted codec state is work done under the stored settings, so changing them stays an error
+    cache = tmp_path / "cache"
+
+    def fail_write(*args, **kwargs):
+        raise RuntimeError("stop after the codec fit")
+
+    monkeypatch.setattr("pipeline.cache.writer.CacheWriter.write_shard", fail_write)
+    with pytest.raises(RuntimeError, match="stop after the codec fit"):
+        run_cache_targets(cache_config(photos, cache, teacher_file, codec="pca-8"))
+    monkeypatch.undo()
+    assert (cache / "codec.done.json").is_file()
+
+    with pytest.raises(CacheMismatchError, match="codec.name"):
+        run_cache_targets(cache_config(photos, cache, teacher_file, codec="pca-4"))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ written, so a run killed at any point resumes by rewriting the unrecorded shards
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -50,6 +51,17 @@ RESERVED_KEYS = frozenset(
 )
 
 
+# Entries besides the manifest in a cache without a finished shard or codec state: the zarr
+# root group and the folders of unrecorded shards and codec state.
+UNRECORDED_ENTRIES = ("zarr.json", "shards", "codec")
+
+
+def holds_written_data(root: Path) -> bool:
+    """Return whether the cache folder `root` contains a finished shard or a recorded codec state."""
+    root = Path(root)
+    return (root / mf.CODEC_RECORD_NAME).exists() or any((root / "shards").glob("shard_*.done.json"))
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -61,7 +73,8 @@ class CacheWriter:
     sizes, seed, views, augmentation, codec, source fingerprint, shard size, ...) and must be
     JSON-serializable. ``codec_parts`` maps each codec part to its per-sample shape and dtype.
     Opening a cache whose stored settings differ raises CacheMismatchError naming the first
-    differing setting with both values.
+    differing setting with both values, unless the cache contains no finished shard and no
+    codec state: such a cache is started over with the new settings.
     """
 
     def __init__(
@@ -99,8 +112,13 @@ class CacheWriter:
         if path.exists():
             self.manifest = mf.load_manifest(self.root)
             stored = {key: self.manifest.get(key) for key in self._content()}
-            mf.check_same_content(self.root, stored, self._content())
-            logger.info("resuming cache %s", self.root)
+            difference = mf.first_difference(stored, self._content())
+            if difference is None:
+                logger.info("resuming cache %s", self.root)
+                return
+            if holds_written_data(self.root):
+                mf.check_same_content(self.root, stored, self._content())
+            self._start_over(difference)
             return
 
         if self.root.exists() and not self.root.is_dir():
@@ -116,6 +134,27 @@ class CacheWriter:
         self.manifest = {"schema_version": mf.SCHEMA_VERSION, "created": _now(), "complete": False, **self._content()}
         mf.write_manifest(self.root, self.manifest)
         logger.info("created cache %s (format %s)", self.root, self.fmt)
+
+    def _start_over(self, difference: tuple) -> None:
+        """Replace the settings of a cache that contains no finished shard and no codec state.
+
+        A run that failed before its first shard, for example while fitting the codec, leaves
+        nothing worth keeping, so a rerun with corrected settings reuses the folder. The new
+        manifest replaces the old one atomically before the unrecorded files are removed.
+        """
+        key, old, new = difference
+        logger.warning(
+            "cache %s contains no finished shard or codec state: starting it over with this run's "
+            "settings (%s was %s, now %s)", self.root, key, json.dumps(old), json.dumps(new),
+        )
+        self.manifest = {"schema_version": mf.SCHEMA_VERSION, "created": _now(), "complete": False, **self._content()}
+        mf.write_manifest(self.root, self.manifest)
+        for name in UNRECORDED_ENTRIES:
+            entry = self.root / name
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry.exists():
+                entry.unlink()
 
     def finished_shards(self) -> set[int]:
         """Return the ids of shards with a finished record whose files all exist."""

@@ -48,7 +48,7 @@ class PCACodec(TargetCodec):
         if patches.shape[0] < self.num_components:
             raise UsageError(
                 f"{self.name} needs at least {self.num_components} calibration patches, got "
-                f"{patches.shape[0]} (N * L). Use more calibration views or a smaller K"
+                f"{patches.shape[0]} (calibration images x patches per view). Raise --calibration-images or pick a smaller K"
             )
 
         # NOTE: the SVD takes memory ~ N * L * D floats and time ~ N * L * D**2, so keep the

@@ -43,6 +43,7 @@ from pipeline.distributed import (
 )
 from pipeline.engine import autocast_dtype_for
 from pipeline.errors import UsageError
+from pipeline.folder_lock import FolderLock
 from pipeline.output_paths import check_output_folder
 from pipeline.sources import open_source
 from pipeline.teachers import Teacher, build_teacher
@@ -68,14 +69,18 @@ def run_cache_targets(config: CacheConfig, teacher: Teacher | None = None) -> di
     info = read_torchrun_env()
     device = resolve_device(config.device, info)
     joined = init_process_group(info, device)
+    lock = FolderLock()
     try:
-        return _run(config, teacher, info, device)
+        return _run(config, teacher, info, device, lock)
     finally:
+        lock.release()
         if joined:
             destroy_process_group()
 
 
-def _run(config: CacheConfig, teacher: Teacher | None, info: DistInfo, device: torch.device) -> dict:
+def _run(
+    config: CacheConfig, teacher: Teacher | None, info: DistInfo, device: torch.device, lock: FolderLock
+) -> dict:
     source = open_source(config.data)
     if teacher is None:
         teacher = build_teacher(
@@ -92,7 +97,7 @@ def _run(config: CacheConfig, teacher: Teacher | None, info: DistInfo, device: t
 
     settings = content_settings(config, teacher, codec, source)
     check_existing_cache(Path(config.out), config.format, settings)
-    writer = _open_writer(config, settings, teacher, codec, info)
+    writer = _open_writer(config, settings, teacher, codec, info, lock)
     job = ShardJob(config=config, source=source, teacher=teacher, codec=codec, augment=config.augment, device=device)
 
     ranges = shard_ranges(len(source), config.shard_size)
@@ -128,14 +133,19 @@ def _write_cache(job: ShardJob, writer: CacheWriter, ranges: list[tuple[int, int
     return manifest
 
 
-def _open_writer(config: CacheConfig, settings: dict, teacher, codec, info: DistInfo) -> CacheWriter:
+def _open_writer(
+    config: CacheConfig, settings: dict, teacher, codec, info: DistInfo, lock: FolderLock
+) -> CacheWriter:
     """Create or resume the cache: rank 0 first, then the other ranks.
 
-    Opening a new cache writes its first manifest, so only one process may do it. The last
-    barrier lets every rank finish opening, which removes temp files of killed runs, before
-    any rank writes a shard.
+    Opening a new cache writes its first manifest, so only one process may do it. Rank 0 locks
+    the folder first, and every other command has a rank 0 too, so a second command on the same
+    folder stops there. The last barrier lets every rank finish opening, which removes temp
+    files of killed runs, before any rank writes a shard.
     """
-    if not info.is_main:
+    if info.is_main:
+        lock.acquire(Path(config.out), "--out")
+    else:
         barrier()
     num_patches = teacher.grid_size[0] * teacher.grid_size[1]
     writer = CacheWriter(

@@ -41,6 +41,7 @@ from pipeline.engine import (
     train_step,
 )
 from pipeline.errors import UsageError
+from pipeline.folder_lock import FolderLock
 from pipeline.heads import build_head
 from pipeline.logs import MetricsLog, ProgressReporter, format_seconds
 from pipeline.masking import MaskConfig
@@ -84,14 +85,16 @@ def run_pretrain(config: PretrainConfig) -> dict:
     device = resolve_device(config.device, info)
     bind_device(device)
     joined = init_process_group(info, device)
+    lock = FolderLock()
     try:
-        return _run(config, info, device)
+        return _run(config, info, device, lock)
     finally:
+        lock.release()
         if joined:
             destroy_process_group()
 
 
-def _run(config: PretrainConfig, info: DistInfo, device: torch.device) -> dict:
+def _run(config: PretrainConfig, info: DistInfo, device: torch.device, lock: FolderLock) -> dict:
     torch.manual_seed(config.seed + info.rank)
 
     # every argument is checked before anything is written to the run folder
@@ -113,7 +116,7 @@ def _run(config: PretrainConfig, info: DistInfo, device: torch.device) -> dict:
 
     state = _plan_steps(config, data, info)
     schedule = _build_schedule(config, state, info)
-    _write_run_files(run_dir, config, info)
+    _write_run_files(run_dir, config, info, lock)
     if resume_from is not None:
         state.step = state.saved_step = _restore(resume_from, model, optimizer, config, info, state)
 
@@ -203,12 +206,16 @@ def _read_saved_config(path: Path) -> dict:
     return saved
 
 
-def _write_run_files(run_dir: Path, config: PretrainConfig, info: DistInfo) -> None:
-    """Create the run folder and write the resolved config, the environment and the cache manifest used."""
+def _write_run_files(run_dir: Path, config: PretrainConfig, info: DistInfo, lock: FolderLock) -> None:
+    """Create and lock the run folder, then write the resolved config, the environment and the cache manifest used.
+
+    Only rank 0 writes the folder, so it alone holds the lock. A second command on the folder
+    stops here, before it writes anything.
+    """
     # every rank has read the folder before rank 0 rewrites config.yaml
     barrier()
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire(run_dir, "--out")
         remove_stale_temps(run_dir)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=True))
         atomic_write_json(run_dir / "environment.json", run_environment())

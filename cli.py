@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -64,6 +65,17 @@ def _config(cls, section: str, preset: Optional[Path], options: dict):
     return resolve_config(cls, values, options, source=str(preset) if preset else "options")
 
 
+@contextmanager
+def _on_interrupt(hint: str):
+    """Turn Ctrl-C into exit code 130 (128 + SIGINT) and one line on stderr with the way to continue."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if _rank() == 0:
+            typer.echo(f"interrupted: {hint}", err=True)
+        raise typer.Exit(130) from None
+
+
 CONFIG_HELP = "YAML preset (see configs/); options given on the command line override it."
 
 
@@ -101,7 +113,9 @@ def cache_targets(
         calibration_images=calibration_images, fidelity_views=fidelity_views,
         max_bad_fraction=max_bad_fraction, strict=strict,
     )
-    run_cache_targets(_config(CacheConfig, "cache_targets", config, options))
+    cache_config = _config(CacheConfig, "cache_targets", config, options)
+    with _on_interrupt(f"run the same command again to continue: finished shards of {cache_config.out} are kept"):
+        run_cache_targets(cache_config)
 
 
 @app.command()
@@ -160,7 +174,9 @@ def pretrain(
         checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, workers=workers, device=device,
         compile=compile, precision=precision, gpu_decode=gpu_decode, resume=resume, log_samples=log_samples,
     )
-    summary = run_pretrain(_config(PretrainConfig, "pretrain", config, options))
+    pretrain_config = _config(PretrainConfig, "pretrain", config, options)
+    with _on_interrupt(f"run the same command with --resume to continue from the last checkpoint in {pretrain_config.out}"):
+        summary = run_pretrain(pretrain_config)
     if summary and _rank() == 0:
         typer.echo(f"finished {summary['steps']} steps: loss {summary['loss']:.4f}, run folder {summary['run_dir']}")
 

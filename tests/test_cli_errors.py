@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import yaml
 from helpers.tiny_clip import tiny_overrides
 from helpers.tiny_runs import (
     IMG_SIZE,
+    REPO,
     STUDENT,
     TEACHER,
     copy_photos,
@@ -327,6 +331,45 @@ def test_invalid_codec_before_teacher(tmp_path: Path, preset: Path, photos: Path
     assert_one_line_error(result, codec)
     assert "published weights" not in result.stderr
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("command", ["cache-targets", "pretrain"])
+def test_ctrl_c_says_how_to_continue(tmp_path: Path, preset: Path, photos: Path, teacher_file: Path, cache: Path, command: str):
+    out = tmp_path / "out"
+    if command == "cache-targets":
+        # one image per shard, so the run lasts long enough to be interrupted
+        arguments = cache_targets_arguments(
+            preset, photos, out, "--teacher", TEACHER, "--teacher-weights", str(teacher_file), "--shard-size", "1",
+            "--views", "64",
+        )
+        started = out / "manifest.json"
+        hint = "run the same command again"
+    else:
+        arguments = pretrain_arguments(preset, cache, out, "--steps", "100000", "--log-every", "1")
+        started = out / "metrics.jsonl"
+        hint = "--resume"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli", *arguments], cwd=REPO, env=subprocess_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not started.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+        process.wait()
+
+    # a warning printed at interpreter exit may follow the line, so it need not be the last one
+    assert process.returncode == 130
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted: ")]
+    assert len(lines) == 1, stderr[-3000:]
+    assert hint in lines[0]
+    assert str(out) in lines[0]
+    assert "Traceback" not in stderr
 
 
 def test_debug_shows_traceback(tmp_path: Path, preset: Path, cache: Path):

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 from pathlib import Path
 
 from pipeline.errors import UsageError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 logger = logging.getLogger(__name__)
+
+UNSUPPORTED_ERRNOS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+"""flock errors of file systems without lock support, as opposed to a lock held by another process."""
 
 
 class FolderLock:
@@ -27,11 +34,22 @@ class FolderLock:
     def acquire(self, folder: Path, option: str) -> None:
         """Create `folder` if needed and lock it; raise UsageError when another process holds the lock."""
         folder.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            logger.warning("cannot lock %s: this platform has no flock, so nothing stops a second command "
+                           "from writing the same folder", folder)
+            return
         descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             os.close(descriptor)
+            if error.errno in UNSUPPORTED_ERRNOS:
+                # some FUSE and network file systems implement no flock, so the run goes on unlocked
+                logger.warning(
+                    "cannot lock %s (%s): this file system has no flock, so nothing stops a second "
+                    "command from writing the same folder", folder, os.strerror(error.errno),
+                )
+                return
             if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
             raise UsageError(

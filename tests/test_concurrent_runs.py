@@ -7,6 +7,9 @@ run writes.
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import signal
 import subprocess
 import sys
@@ -30,7 +33,9 @@ from helpers.tiny_runs import (
     write_teacher_checkpoint,
 )
 
+from pipeline import folder_lock
 from pipeline.cache import CacheReader
+from pipeline.folder_lock import FolderLock
 from stages.cache_targets import run_cache_targets
 
 RUN_TIMEOUT = 300
@@ -122,3 +127,28 @@ def test_second_pretrain_rejected(setup: dict[str, Path], tmp_path: Path):
     assert_in_use_error(second, run_dir)
     steps = [record["step"] for record in read_metrics(run_dir) if "loss" in record]
     assert steps == list(range(1, 61))
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_folder_without_flock_runs_unlocked(tmp_path: Path, monkeypatch, caplog, code: int):
+    def unsupported(descriptor: int, operation: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(folder_lock.fcntl, "flock", unsupported)
+    lock = FolderLock()
+    with caplog.at_level(logging.WARNING, logger="pipeline.folder_lock"):
+        lock.acquire(tmp_path / "out", "--out")
+
+    assert (tmp_path / "out").is_dir()
+    assert "has no flock" in caplog.text
+    assert str(tmp_path / "out") in caplog.text
+    lock.release()
+
+
+def test_folder_lock_other_error_raises(tmp_path: Path, monkeypatch):
+    def broken(descriptor: int, operation: int) -> None:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    monkeypatch.setattr(folder_lock.fcntl, "flock", broken)
+    with pytest.raises(OSError, match=os.strerror(errno.EBADF)):
+        FolderLock().acquire(tmp_path / "out", "--out")

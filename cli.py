@@ -184,7 +184,7 @@ def pretrain(
 @app.command("extract-student")
 def extract_student(
     checkpoint: Path = typer.Argument(..., help="Training checkpoint written by pretrain, e.g. RUN/checkpoint-last.pt."),
-    output: Path = typer.Option(..., "--output", "-o", help="Weights file to write: .safetensors (default format) or .pt."),
+    output: Path = typer.Option(..., "--output", "-o", help="Weights file to write: .safetensors (default format), or .pt, .pth or .bin for a torch.save state dict."),
     output_format: Optional[str] = typer.Option(None, "--format", help="safetensors or pt; by default taken from the --output suffix."),
     keep_rel_pos_bias: bool = typer.Option(False, "--keep-rel-pos-bias", help="Keep the relative position bias tables: the weights then load into timm's Beit instead of VisionTransformer."),
     keep_layer_scale_gamma: bool = typer.Option(False, "--keep-layer-scale-gamma", help="Keep layer scale as gamma parameters instead of folding it into the projection weights."),

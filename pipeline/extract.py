@@ -82,7 +82,7 @@ def extract_student(
 
     The checkpoint is a dict with `model` (state dict with `student.` and `head.` keys) and
     `config["student"]` (`name`, `img_size`, optional `overrides`). `output_format` defaults to
-    "pt" when `output_path` ends in .pt or .pth and to "safetensors" otherwise. Safetensors files
+    "pt" when `output_path` ends in .pt, .pth or .bin and to "safetensors" otherwise. Safetensors files
     also store the call as JSON metadata, which `load_extracted` reads. `allow_pickle` loads
     checkpoints that contain arbitrary Python objects; use it only for trusted files.
     """
@@ -115,11 +115,12 @@ def extract_student(
 
 
 def resolve_output_format(output_path: Path, output_format: str | None) -> OutputFormat:
-    """Return the requested format, or infer it from the suffix (.pt and .pth: pt, else safetensors).
+    """Return the requested format, or infer it from the suffix (.pt, .pth and .bin: pt, else safetensors).
 
-    Raises UsageError for an unknown format or one that contradicts a .pt, .pth or .safetensors suffix.
+    .bin is a torch.save file, as in Hugging Face's pytorch_model.bin. Raises UsageError for an
+    unknown format or one that contradicts a .pt, .pth, .bin or .safetensors suffix.
     """
-    suffix_formats = {".pt": "pt", ".pth": "pt", ".safetensors": "safetensors"}
+    suffix_formats = {".pt": "pt", ".pth": "pt", ".bin": "pt", ".safetensors": "safetensors"}
     suffix_format = suffix_formats.get(output_path.suffix)
     if output_format is None:
         return suffix_format or "safetensors"

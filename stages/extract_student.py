@@ -31,7 +31,7 @@ class ExtractStudentConfig:
     """Options of extract-student."""
 
     checkpoint: Path  # training checkpoint written by pretrain
-    output: Path  # .safetensors (default) or .pt/.pth file to write
+    output: Path  # .safetensors (default) or .pt/.pth/.bin file to write
     output_format: OutputFormat | None = None  # None: from the output suffix
     keep_rel_pos_bias: bool = False  # export a timm Beit that keeps the relative position bias tables
     keep_layer_scale_gamma: bool = False  # keep layer scale as parameters instead of folding it

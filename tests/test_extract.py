@@ -195,7 +195,7 @@ def test_extract_drops_training_only_keys(tmp_path):
     assert not any(key.startswith(("head.", "student.")) for key in keys)
 
 
-@pytest.mark.parametrize(("file_name", "output_format"), [("vit.pt", None), ("vit.pth", None), ("vit.bin", "pt")])
+@pytest.mark.parametrize(("file_name", "output_format"), [("vit.pt", None), ("vit.pth", None), ("vit.bin", None), ("vit.bin", "pt")])
 def test_extract_pt_output(tmp_path, images, file_name, output_format):
     student = perturbed_vit(zero_rel_pos_bias=True)
     checkpoint = write_checkpoint(tmp_path / "ckpt.pt", student, TINY_VIT)

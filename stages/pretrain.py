@@ -266,6 +266,12 @@ def _build_schedule(config: PretrainConfig, state: RunState, info: DistInfo) -> 
     else:
         warmup = int(round(config.warmup_epochs * state.steps_per_epoch))
     warmup = min(warmup, max(0, state.total_steps - 1))
+    if peak < config.min_lr and info.is_main:
+        source = "--lr" if config.lr is not None else f"--blr {config.blr:.4g} x global batch {global_batch} / 256"
+        logger.warning(
+            "peak learning rate %.3g (%s) is below --min-lr %.3g, so the rate stays at %.3g after warmup. "
+            "Pass a larger --lr or --blr, or a smaller --min-lr", peak, source, config.min_lr, peak,
+        )
     return Schedule(peak_lr=peak, min_lr=min(config.min_lr, peak), warmup_steps=warmup, total_steps=state.total_steps)
 
 

@@ -165,3 +165,61 @@ def test_resume_without_checkpoint_warns(tmp_path: Path):
     assert str(run_dir) in warnings[0]
     assert "training starts from step 0" in warnings[0]
     assert "finished 2 steps" in result.stdout
+
+
+@pytest.mark.parametrize(("changes", "source"), [
+    ({"batch_size": 8}, "--blr 0.0001875 x global batch 8 / 256"),
+    ({"batch_size": 8, "lr": 2e-6}, "--lr"),
+])
+def test_peak_lr_below_min_lr_warns(changes, source, caplog):
+    import logging
+
+    from pipeline.distributed import DistInfo
+    from stages.pretrain import RunState, _build_schedule
+
+    config = PretrainConfig(out="unused", cache="unused", **changes)
+    state = RunState(step=0, total_steps=10, steps_per_epoch=5, order_streams=1)
+    with caplog.at_level(logging.WARNING, logger="stages.pretrain"):
+        schedule = _build_schedule(config, state, DistInfo(rank=0, local_rank=0, world_size=1))
+
+    assert schedule.min_lr == schedule.peak_lr
+    assert "is below --min-lr 1e-05" in caplog.text
+    assert source in caplog.text
+
+
+def test_peak_lr_above_min_lr_is_quiet(caplog):
+    import logging
+
+    from pipeline.distributed import DistInfo
+    from stages.pretrain import RunState, _build_schedule
+
+    config = PretrainConfig(out="unused", cache="unused", batch_size=256)
+    state = RunState(step=0, total_steps=10, steps_per_epoch=5, order_streams=1)
+    with caplog.at_level(logging.WARNING, logger="stages.pretrain"):
+        _build_schedule(config, state, DistInfo(rank=0, local_rank=0, world_size=1))
+
+    assert "min-lr" not in caplog.text
+
+
+def test_gpu_decode_with_online_teacher_warns(tmp_path: Path, caplog):
+    import logging
+
+    import torch
+    from helpers.tiny_runs import IMG_SIZE, STUDENT, STUDENT_OVERRIDES, copy_photos
+
+    from pipeline.data.training import build_training_data
+    from pipeline.masking import MaskConfig
+    from pipeline.students import build_student
+
+    config = PretrainConfig(
+        out="unused", data=str(copy_photos(tmp_path / "photos", 4)), teacher="pixel", student=STUDENT,
+        student_overrides=STUDENT_OVERRIDES, img_size=IMG_SIZE, batch_size=2, workers=0, device="cpu",
+        gpu_decode=True,
+    )
+    student = build_student(STUDENT, IMG_SIZE, drop_path_rate=0.0, overrides=STUDENT_OVERRIDES)
+    mask_config = MaskConfig(*student.grid_size, ratio=config.mask_ratio, min_block=config.min_mask_block)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.training"):
+        data = build_training_data(config, student, mask_config, torch.device("cpu"))
+
+    assert data.teacher is not None
+    assert "--gpu-decode applies to cached views only" in caplog.text

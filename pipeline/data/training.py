@@ -243,6 +243,9 @@ def check_cache_fits_student(manifest: dict, student, config: PretrainConfig) ->
 def _online_data(config, student, mask_config, device) -> TrainingData:
     from pipeline.teachers import build_teacher
 
+    if config.gpu_decode:
+        logger.warning("--gpu-decode applies to cached views only, so the online teacher's views are decoded in the loader workers")
+
     teacher = build_teacher(
         config.teacher,
         config.teacher_weights,

@@ -2,9 +2,8 @@
 
 torch's DataLoader workers check for a dead parent only between batches, and a worker whose
 finished batches fill the pipe to the parent then blocks at exit, flushing into a pipe that
-nobody reads. The test stops
-the real command (SIGSTOP) until a worker blocks on that pipe, kills it with SIGKILL, and
-checks that every worker is gone.
+no process reads. The test stops the real command (SIGSTOP) until a worker blocks on that
+pipe, kills it with SIGKILL, and checks that every worker is gone.
 """
 
 from __future__ import annotations
@@ -47,13 +46,13 @@ def blocked_on_pipe(worker: psutil.Process) -> bool:
     return False
 
 
-def wait_until(condition, what: str, process: subprocess.Popen | None = None) -> None:
+def wait_until(condition, description: str, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + DEADLINE_SECONDS
     while not condition():
         if process is not None and process.poll() is not None:
-            pytest.fail(f"cache-targets ended before {what}:\n{process.stderr.read()[-3000:]}")
+            pytest.fail(f"cache-targets ended before {description}:\n{process.stderr.read()[-3000:]}")
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting until {what}")
+            pytest.fail(f"timed out waiting until {description}")
         time.sleep(POLL_SECONDS)
 
 

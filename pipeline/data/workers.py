@@ -20,7 +20,7 @@ def exit_with_parent_init() -> Callable[[int], None]:
 
     torch 2.14's worker loop checks for a dead parent only between batches. After a parent
     killed with SIGKILL or SIGTERM, a worker whose batches fill the pipe to it notices that,
-    then blocks at exit while its queue waits to flush into the pipe that nobody reads, and
+    then blocks at exit while its queue waits to flush into the pipe that no process reads, and
     outlives the run. On Linux the kernel kills each worker when the thread that started it
     exits, so the loader must be iterated by a thread that lives as long as the loader.
     Elsewhere the workers keep only torch's own check.

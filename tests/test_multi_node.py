@@ -26,6 +26,7 @@ from helpers.tiny_runs import (
     copy_photos,
     free_port,
     read_metrics,
+    run_cli,
     write_teacher_checkpoint,
 )
 
@@ -79,10 +80,7 @@ def run_two_nodes(arguments: list[str]) -> list[subprocess.CompletedProcess]:
 
 
 def run_one_process(arguments: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "cli", *arguments], cwd=REPO, env=ONE_THREAD, capture_output=True, text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
+    result = run_cli(arguments, env=ONE_THREAD, timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
